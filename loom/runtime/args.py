@@ -1,0 +1,120 @@
+"""One dataclass of server arguments; `loom serve` / `loom generate` flags are generated from it."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+
+
+def _arg(default, help: str, choices: tuple | None = None):
+    return field(default=default, metadata={"help": help, "choices": choices})
+
+
+@dataclass
+class ServerArgs:
+    # Model and weights
+    model_path: str | None = _arg(
+        None, "HF folder, .gguf file or hub id; omitted: the embedded SmolLM2-135M-Instruct"
+    )
+    tokenizer_path: str | None = _arg(None, "tokenizer folder (defaults to the model's)")
+    load_format: str = _arg(
+        "auto", "weights format", ("auto", "safetensors", "pt", "gguf", "dummy")
+    )
+    dtype: str = _arg(
+        "auto",
+        "weights and activations dtype (auto: bfloat16 on CUDA, float32 on CPU)",
+        ("auto", "float32", "bfloat16", "float16"),
+    )
+    device: str = _arg("auto", "cpu, cuda, cuda:N or auto")
+    context_length: int | None = _arg(None, "max tokens of prompt + output (default: the model's)")
+    served_model_name: str | None = _arg(None, "the model name the OpenAI API reports")
+    chat_template: str | None = _arg(None, "a Jinja chat template file overriding the model's")
+
+    # Memory
+    max_total_tokens: int | None = _arg(None, "KV pool size in tokens (overrides the fraction)")
+    mem_fraction_static: float | None = _arg(
+        None, "fraction of free device memory for weights + KV pool (CUDA default 0.85)"
+    )
+    max_running_requests: int | None = _arg(None, "most requests decoded together")
+    max_prefill_tokens: int = _arg(16384, "most new tokens in one prefill batch")
+    chunked_prefill_size: int | None = _arg(
+        None, "prefill long prompts in chunks of this many tokens (-1 disables)"
+    )
+
+    # Scheduling and caching
+    schedule_policy: str = _arg("lpm", "waiting-queue order", ("lpm", "dfs-weight", "fcfs"))
+    schedule_conservativeness: float = _arg(
+        1.0, "weight of the KV reserve kept for running requests' future tokens"
+    )
+    disable_radix_cache: bool = _arg(False, "share no KV between requests (for comparison)")
+    max_queued_requests: int | None = _arg(None, "answer 503 beyond this many waiting requests")
+
+    # Kernels
+    attention_backend: str | None = _arg(
+        None, "attention kernels (default: flashinfer on CUDA, torch_native elsewhere)",
+        ("torch_native", "flashinfer"),
+    )
+    disable_cuda_graph: bool = _arg(False, "run decode eagerly")
+    cuda_graph_max_bs: int = _arg(160, "largest decode batch captured in a CUDA graph")
+    disable_overlap_schedule: bool = _arg(False, "prepare batch N+1 only after batch N")
+
+    # Constrained decoding
+    grammar_backend: str = _arg("xgrammar", "grammar engine", ("xgrammar", "none"))
+    enable_jump_forward: bool = _arg(False, "append grammar-forced text in one extend step")
+    grammar_compile_timeout: float = _arg(30.0, "seconds a grammar may take to compile")
+
+    # Server
+    host: str = _arg("127.0.0.1", "HTTP host")
+    port: int = _arg(30000, "HTTP port")
+    random_seed: int | None = _arg(None, "seed for requests that give none")
+    log_level: str = _arg("info", "logging level", ("debug", "info", "warning", "error"))
+    watchdog_timeout: float = _arg(300.0, "seconds one forward step may take before it is a hang")
+
+    def __post_init__(self) -> None:
+        if self.schedule_conservativeness <= 0:
+            raise ValueError("schedule_conservativeness must be > 0")
+        if self.mem_fraction_static is not None and not 0 < self.mem_fraction_static < 1:
+            raise ValueError("mem_fraction_static must be in (0, 1)")
+        if self.max_total_tokens is not None and self.max_total_tokens < 16:
+            raise ValueError("max_total_tokens must be at least 16")
+        if self.max_running_requests is not None and self.max_running_requests < 1:
+            raise ValueError("max_running_requests must be at least 1")
+
+    @classmethod
+    def from_kwargs(cls, **kwargs) -> ServerArgs:
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(kwargs) - names)
+        if unknown:
+            raise TypeError(f"unknown server argument(s) {unknown}; valid: {sorted(names)}")
+        return cls(**kwargs)
+
+    @classmethod
+    def add_cli_args(cls, parser: argparse.ArgumentParser) -> None:
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            flag = "--" + f.name.replace("_", "-")
+            help_text = f.metadata.get("help", "")
+            if hints[f.name] is bool:
+                parser.add_argument(flag, action="store_true", help=help_text)
+                continue
+            parser.add_argument(
+                flag,
+                type=_scalar_type(hints[f.name]),
+                default=f.default,
+                choices=f.metadata.get("choices"),
+                help=f"{help_text} (default: {f.default})",
+            )
+
+    @classmethod
+    def from_cli(cls, ns: argparse.Namespace) -> ServerArgs:
+        return cls(**{f.name: getattr(ns, f.name) for f in dataclasses.fields(cls)})
+
+
+def _scalar_type(hint) -> type:
+    """int | None -> int, so argparse converts flag values."""
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        return next(a for a in typing.get_args(hint) if a is not type(None))
+    return hint

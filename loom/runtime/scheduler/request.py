@@ -1,0 +1,79 @@
+"""A request as the scheduler tracks it through waiting, prefill, decode and finish."""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from loom.runtime.sampling_params import SamplingParams
+
+_arrival = itertools.count()
+
+
+@dataclass(frozen=True)
+class FinishReason:
+    type: str  # "stop" | "length" | "abort"
+    matched: int | str | None = None  # the stop token id or stop string
+    message: str | None = None  # for aborts: why
+
+    def to_json(self) -> dict:
+        out: dict[str, Any] = {"type": self.type, "matched": self.matched}
+        if self.message is not None:
+            out["message"] = self.message
+        return out
+
+
+@dataclass(eq=False)
+class Req:
+    rid: str
+    origin_input_ids: list[int]
+    sampling: SamplingParams
+    return_logprob: bool = False
+    logprob_start_len: int = -1
+    top_logprobs_num: int = 0
+    stream: bool = False
+    seed: int = 0  # the sampling seed actually used (from params or drawn)
+
+    output_ids: list[int] = field(default_factory=list)
+    arrival: int = field(default_factory=lambda: next(_arrival))
+    finished_reason: FinishReason | None = None
+
+    # KV bookkeeping. prefix_indices: slots of the cached prefix this request matched
+    # (locked through last_node). kv_len: tokens whose KV this request holds, counted
+    # from position 0 (prefix included); they sit in req_to_token[req_pool_idx, :kv_len].
+    req_pool_idx: int | None = None
+    prefix_indices: torch.Tensor = field(default_factory=lambda: torch.empty(0, dtype=torch.int64))
+    last_node: Any = None
+    kv_len: int = 0
+    cached_tokens: int = 0  # prompt tokens served from the cache (reported in meta_info)
+    extend_input_len: int = 0  # new tokens in the current extend step
+    retractions: int = 0
+
+    # Grammar matcher (constrained requests), set once its grammar compiled.
+    grammar: Any = None
+
+    # Logprobs gathered so far: lists of (logprob, token_id) and top-k lists.
+    input_token_logprobs: list = field(default_factory=list)
+    input_top_logprobs: list = field(default_factory=list)
+    output_token_logprobs: list = field(default_factory=list)
+    output_top_logprobs: list = field(default_factory=list)
+
+    @property
+    def fill_ids(self) -> list[int]:
+        """Every token of the request so far: prompt then output."""
+        return self.origin_input_ids + self.output_ids
+
+    @property
+    def seqlen(self) -> int:
+        return len(self.origin_input_ids) + len(self.output_ids)
+
+    @property
+    def finished(self) -> bool:
+        return self.finished_reason is not None
+
+    @property
+    def prefill_done(self) -> bool:
+        return self.kv_len >= self.seqlen - 1 and self.kv_len > 0
