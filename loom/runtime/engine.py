@@ -1,0 +1,216 @@
+"""Engine: the runtime without HTTP. Starts the scheduler and detokenizer processes and
+runs the tokenizer manager on an asyncio loop in a background thread."""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import logging
+import shutil
+import tempfile
+import threading
+from collections.abc import AsyncIterator, Iterator
+
+from loom.runtime import messages as m
+from loom.runtime.args import ServerArgs
+from loom.runtime.launch import read_ready, spawn_child
+from loom.runtime.tokenizer.inputs import GenerateInput, InputLimits
+from loom.runtime.tokenizer.manager import TokenizerManager
+
+logger = logging.getLogger(__name__)
+
+
+class Engine:
+    def __init__(self, model_path: str | None = None, **server_args):
+        from transformers import AutoTokenizer
+
+        from loom.runtime.models.model_source import resolve_model_path
+
+        self.args = ServerArgs.from_kwargs(model_path=model_path, **server_args)
+        self.model_folder = resolve_model_path(model_path)
+        self._procs: list = []
+        self._closed = False
+        self._ipc_dir = tempfile.mkdtemp(prefix="loom-ipc-")
+        addr = {k: f"ipc://{self._ipc_dir}/{k}" for k in ("scheduler", "detokenizer", "manager")}
+        try:
+            self.info = self._launch(addr)
+        except BaseException:
+            self.shutdown()
+            raise
+        self.tokenizer = AutoTokenizer.from_pretrained(self.args.tokenizer_path or self.model_folder)
+        limits = InputLimits(
+            self.tokenizer, self.info.context_length, self.info.vocab_size, _grammar_check(self.args)
+        )
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True, name="loom-tm")
+        self._thread.start()
+        self.manager: TokenizerManager = self._call(
+            self._make_manager(limits, addr["scheduler"], addr["manager"])
+        )
+        threading.Thread(target=self._watch_scheduler, daemon=True, name="loom-watch").start()
+        atexit.register(self.shutdown)
+
+    def _launch(self, addr: dict) -> m.ServerInfo:
+        tokenizer_path = self.args.tokenizer_path or self.model_folder
+        detok, fd = spawn_child(
+            "detokenizer",
+            dict(
+                tokenizer_path=tokenizer_path,
+                in_addr=addr["detokenizer"],
+                out_addr=addr["manager"],
+                log_level=self.args.log_level,
+            ),
+        )
+        import os
+
+        os.close(fd)
+        self._procs.append(detok)
+        sched, fd = spawn_child(
+            "scheduler",
+            dict(
+                args=self.args,
+                model_folder=self.model_folder,
+                in_addr=addr["scheduler"],
+                out_addr=addr["detokenizer"],
+            ),
+        )
+        self._procs.append(sched)
+        self._scheduler = sched
+        msg = read_ready(fd)
+        if isinstance(msg, m.SchedulerCrashed):
+            raise RuntimeError(f"the scheduler failed to start: {msg.message}")
+        if not isinstance(msg, m.SchedulerReady):
+            raise RuntimeError(
+                f"the scheduler exited during start-up (exit code {sched.wait()}); see its log above"
+            )
+        return msg.info
+
+    async def _make_manager(self, limits, to_scheduler, from_detok) -> TokenizerManager:
+        manager = TokenizerManager(self.tokenizer, limits, to_scheduler, from_detok)
+        manager.start()
+        return manager
+
+    def _call(self, coro):
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
+
+    def _watch_scheduler(self) -> None:
+        code = self._scheduler.wait()
+        if not self._closed:
+            reason = f"the scheduler process exited (code {code}); restart the engine"
+            self._loop.call_soon_threadsafe(self.manager.mark_dead, reason)
+
+    # ---- generate ----------------------------------------------------------------------
+
+    def generate(
+        self,
+        prompt: str | list[str] | None = None,
+        sampling_params: dict | list[dict] | None = None,
+        input_ids: list[int] | list[list[int]] | None = None,
+        return_logprob: bool | list[bool] = False,
+        logprob_start_len: int | list[int] = -1,
+        top_logprobs_num: int | list[int] = 0,
+        stream: bool = False,
+        rid: str | list[str] | None = None,
+        return_text_in_logprobs: bool = False,
+    ):
+        """A result dict (a list for a batch or n > 1); with stream=True an iterator of
+        chunks whose `text` / `output_ids` are deltas."""
+        obj = GenerateInput(
+            prompt, input_ids, sampling_params, rid, return_logprob, logprob_start_len,
+            top_logprobs_num, return_text_in_logprobs, stream,
+        )
+        self.manager.prepare(obj)  # raise input errors in the caller's thread
+        if stream:
+            return self._stream(obj)
+        return self._call(_first(self.manager.generate(obj)))
+
+    def _stream(self, obj: GenerateInput) -> Iterator[dict]:
+        agen = self.manager.generate(obj)
+        try:
+            while True:
+                try:
+                    yield self._call(agen.__anext__())
+                except StopAsyncIteration:
+                    return
+        finally:
+            if not self._closed:
+                self._call(agen.aclose())
+
+    async def async_generate(self, prompt=None, sampling_params=None, input_ids=None, **kw):
+        """Like generate, for asyncio callers; with stream=True an async iterator."""
+        obj = GenerateInput(prompt, input_ids, sampling_params, **kw)
+        self.manager.prepare(obj)
+        if obj.stream:
+            return self._astream(obj)
+        future = asyncio.run_coroutine_threadsafe(_first(self.manager.generate(obj)), self._loop)
+        return await asyncio.wrap_future(future)
+
+    async def _astream(self, obj: GenerateInput) -> AsyncIterator[dict]:
+        agen = self.manager.generate(obj)
+        try:
+            while True:
+                future = asyncio.run_coroutine_threadsafe(agen.__anext__(), self._loop)
+                try:
+                    yield await asyncio.wrap_future(future)
+                except StopAsyncIteration:
+                    return
+        finally:
+            if not self._closed:
+                await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(agen.aclose(), self._loop))
+
+    def get_server_info(self) -> m.ServerInfo:
+        return self._call(self.manager.server_info())
+
+    def flush_cache(self) -> m.FlushCacheResult:
+        return self._call(self.manager.flush_cache())
+
+    # ---- lifetime ----------------------------------------------------------------------
+
+    def shutdown(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        manager = getattr(self, "manager", None)
+        alive = manager is not None and manager.dead is None
+        if alive:
+            try:
+                manager.send_shutdown()
+            except Exception:  # noqa: BLE001 - best effort; processes are killed below
+                alive = False
+        for proc in self._procs:
+            try:
+                proc.wait(timeout=10 if alive else 0.1)
+            except Exception:  # noqa: BLE001
+                proc.kill()
+                proc.wait()
+        if manager is not None:
+            self._call(manager.close())
+        loop = getattr(self, "_loop", None)
+        if loop is not None:
+            loop.call_soon_threadsafe(loop.stop)
+        shutil.rmtree(self._ipc_dir, ignore_errors=True)
+
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.shutdown()
+
+
+async def _first(agen):
+    try:
+        async for item in agen:
+            return item
+    finally:
+        await agen.aclose()
+    raise RuntimeError("generate produced no result")
+
+
+def _grammar_check(args: ServerArgs):
+    if args.grammar_backend == "none":
+        return None
+    try:
+        from loom.constrain.factory import validate_constraint
+    except ImportError:
+        return None
+    return validate_constraint

@@ -1,0 +1,36 @@
+"""What one forward step runs: the tensors the model and attention backends read."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+import torch
+
+
+class ForwardMode(enum.Enum):
+    EXTEND = "extend"  # new tokens (a prompt or its chunk) on top of a cached prefix
+    DECODE = "decode"  # one new token per request
+
+
+@dataclass
+class ForwardBatch:
+    mode: ForwardMode
+    batch_size: int
+    input_ids: torch.Tensor  # (num_tokens,) the new tokens of every request, concatenated
+    positions: torch.Tensor  # (num_tokens,)
+    req_pool_indices: torch.Tensor  # (bs,) int64 rows of req_to_token
+    seq_lens: torch.Tensor  # (bs,) int64 total tokens per request after this step
+    out_cache_loc: torch.Tensor  # (num_tokens,) int64 KV slots the new tokens are written to
+    # Host copies, for backends that plan on the CPU and for logits selection.
+    seq_lens_cpu: list[int]
+    extend_prefix_lens_cpu: list[int] = field(default_factory=list)  # EXTEND only
+    extend_seq_lens_cpu: list[int] = field(default_factory=list)  # EXTEND only: new tokens
+    # Per request: first new-token index whose logits are needed (-1: only the last).
+    logits_start_cpu: list[int] = field(default_factory=list)
+    # Filled by the attention backend's plan step.
+    attn_metadata: object = None
+
+    @property
+    def num_tokens(self) -> int:
+        return self.input_ids.numel()

@@ -1,0 +1,180 @@
+"""Loads the model, owns the KV pools and runs one ForwardBatch to logits."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+from transformers import AutoConfig
+
+from loom.radix.pool import KVAllocator, KVCachePool, ReqToTokenPool
+from loom.runtime.args import ServerArgs
+from loom.runtime.executor.forward_batch import ForwardBatch, ForwardMode
+from loom.runtime.layers.attention.base import Attention, AttentionBackend
+from loom.runtime.layers.rotary import RotaryEmbedding
+from loom.runtime.models.llama import head_dim_of
+from loom.runtime.models.loader import init_dummy_weights, iter_folder_weights
+from loom.runtime.models.registry import model_class
+
+logger = logging.getLogger(__name__)
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class LogitsOutput:
+    next_logits: torch.Tensor  # (bs, vocab) float32: logits after each request's last token
+    # EXTEND only, per request: logits of new tokens from logits_start on (n_i, vocab), or None
+    prompt_logits: list[torch.Tensor | None]
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+class ModelRunner:
+    def __init__(self, args: ServerArgs, model_folder: str):
+        self.args = args
+        self.device = resolve_device(args.device)
+        self.config = AutoConfig.from_pretrained(model_folder)
+        self.dtype = self._pick_dtype()
+        self.context_len = self._context_len()
+        self.model = self._load_model(model_folder)
+        self.vocab_size = self.config.vocab_size
+        self.max_total_tokens = self._kv_capacity()
+        self.max_running_requests = args.max_running_requests or min(
+            512 if self.device.type == "cuda" else 64, self.max_total_tokens
+        )
+        self._init_pools()
+        self.attn_backend = self._make_attention_backend()
+        for module in self.model.modules():
+            if isinstance(module, Attention):
+                module.backend = self.attn_backend
+
+    # ---- setup -------------------------------------------------------------------------
+
+    def _pick_dtype(self) -> torch.dtype:
+        if self.args.dtype != "auto":
+            return _DTYPES[self.args.dtype]
+        return torch.bfloat16 if self.device.type == "cuda" else torch.float32
+
+    def _context_len(self) -> int:
+        model_max = getattr(self.config, "max_position_embeddings", 4096)
+        window = getattr(self.config, "sliding_window", None)
+        use_window = getattr(self.config, "use_sliding_window", True)
+        if window and use_window and window < model_max:
+            # Full attention equals sliding-window attention while sequences fit the window.
+            logger.info("capping context to the sliding window (%d tokens)", window)
+            model_max = window
+        if self.args.context_length is None:
+            return model_max
+        if self.args.context_length > model_max:
+            raise ValueError(
+                f"context_length {self.args.context_length} exceeds the model's {model_max}"
+            )
+        return self.args.context_length
+
+    def _load_model(self, folder: str) -> torch.nn.Module:
+        cls = model_class(self.config)
+        max_positions = max(self.context_len, getattr(self.config, "max_position_embeddings", 0))
+        with torch.device("meta"):
+            model = cls(self.config, max_positions)
+        model = model.to_empty(device=self.device).to(self.dtype)
+        for module in model.modules():
+            if isinstance(module, RotaryEmbedding):  # buffers were on meta: rebuild them
+                fresh = RotaryEmbedding(self.config, head_dim_of(self.config), max_positions)
+                module.cos, module.sin = fresh.cos.to(self.device), fresh.sin.to(self.device)
+        if self.args.load_format == "dummy":
+            init_dummy_weights(model, self.args.random_seed or 0)
+        else:
+            model.load_weights(iter_folder_weights(folder))
+        return model.eval()
+
+    def _kv_capacity(self) -> int:
+        cfg = self.config
+        per_token = KVCachePool.bytes_per_token(
+            cfg.num_hidden_layers,
+            getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads,
+            head_dim_of(cfg),
+            self.dtype,
+        )
+        if self.args.max_total_tokens is not None:
+            return self.args.max_total_tokens
+        if self.device.type == "cuda":
+            free, total = torch.cuda.mem_get_info(self.device)
+            fraction = self.args.mem_fraction_static or 0.85
+            budget = free - total * (1 - fraction)
+        else:
+            budget = min(_available_host_memory() * 0.2, 4 << 30)
+        tokens = int(budget // per_token)
+        if tokens < 256:
+            raise RuntimeError(
+                f"only {tokens} tokens of KV cache fit; lower --context-length or raise "
+                "--mem-fraction-static / --max-total-tokens"
+            )
+        return tokens
+
+    def _init_pools(self) -> None:
+        cfg = self.config
+        kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+        self.req_to_token_pool = ReqToTokenPool(
+            self.max_running_requests + 1, self.context_len + 4, self.device
+        )
+        self.kv_pool = KVCachePool(
+            self.max_total_tokens,
+            cfg.num_hidden_layers,
+            kv_heads,
+            head_dim_of(cfg),
+            self.dtype,
+            self.device,
+        )
+        self.allocator = KVAllocator(self.max_total_tokens, self.device)
+
+    def _make_attention_backend(self) -> AttentionBackend:
+        name = self.args.attention_backend or (
+            "flashinfer" if self.device.type == "cuda" else "torch_native"
+        )
+        if name == "flashinfer":
+            try:
+                from loom.runtime.layers.attention.flashinfer import FlashInferBackend
+            except ImportError as e:
+                logger.warning("flashinfer unavailable (%s); using torch_native", e)
+            else:
+                return FlashInferBackend(self.req_to_token_pool, self.kv_pool, self.model)
+        from loom.runtime.layers.attention.torch_native import TorchNativeBackend
+
+        return TorchNativeBackend(self.req_to_token_pool, self.kv_pool)
+
+    # ---- forward -----------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def forward(self, batch: ForwardBatch) -> LogitsOutput:
+        self.attn_backend.plan(batch)
+        hidden = self.model(batch)
+        if batch.mode is ForwardMode.DECODE:
+            return LogitsOutput(self.model.compute_logits(hidden), [None] * batch.batch_size)
+        ends = torch.tensor(batch.extend_seq_lens_cpu, device=hidden.device).cumsum(0)
+        next_logits = self.model.compute_logits(hidden[ends - 1])
+        prompt_logits: list[torch.Tensor | None] = []
+        offset = 0
+        for ext_len, start in zip(batch.extend_seq_lens_cpu, batch.logits_start_cpu):
+            if start >= 0:
+                prompt_logits.append(self.model.compute_logits(hidden[offset + start : offset + ext_len]))
+            else:
+                prompt_logits.append(None)
+            offset += ext_len
+        return LogitsOutput(next_logits, prompt_logits)
+
+
+def _available_host_memory() -> int:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 8 << 30

@@ -1,0 +1,129 @@
+"""Turns a batch's logits into next tokens, on the logits' device.
+
+Order: penalties -> min_new_tokens mask -> grammar mask -> greedy or sampled.
+Sampling: temperature, then top-k, then top-p on the renormalized top-k distribution,
+then min-p relative to the most likely token. The random draw is one uniform number per
+request per step, hashed from (seed, step) on the device, so a seeded request samples the
+same tokens whatever batch it lands in, and no host round trip is needed for it.
+Returned logprobs are those of the raw model distribution (before penalties, masks and
+temperature), as vLLM and the OpenAI API report them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+_MASK32 = 0xFFFFFFFF
+
+
+@dataclass
+class SamplingBatch:
+    """Per-row sampling settings as device tensors (built once per step by the scheduler)."""
+
+    temperatures: torch.Tensor  # (bs,) float32; 0 = greedy
+    top_ks: torch.Tensor  # (bs,) int64; vocab size = disabled
+    top_ps: torch.Tensor  # (bs,) float32
+    min_ps: torch.Tensor  # (bs,) float32
+    seeds: torch.Tensor  # (bs,) int64
+    steps: torch.Tensor  # (bs,) int64: tokens already generated
+    all_greedy: bool
+    need_top_k: bool
+    need_top_p: bool
+    need_min_p: bool
+    # Penalties (None when no row uses them).
+    repetition_penalties: torch.Tensor | None = None  # (bs,)
+    frequency_penalties: torch.Tensor | None = None  # (bs,)
+    presence_penalties: torch.Tensor | None = None  # (bs,)
+    output_counts: torch.Tensor | None = None  # (bs, vocab) counts of generated tokens
+    seen_tokens: torch.Tensor | None = None  # (bs, vocab) bool: in prompt or output
+    # (row, token) pairs to forbid this step (min_new_tokens not reached: EOS and stops).
+    banned_rows: torch.Tensor | None = None
+    banned_tokens: torch.Tensor | None = None
+
+
+def apply_penalties(logits: torch.Tensor, sb: SamplingBatch) -> None:
+    if sb.repetition_penalties is not None:
+        # HF's rule over prompt and output tokens: divide positive logits, multiply negative.
+        pen = sb.repetition_penalties[:, None]
+        penalized = torch.where(logits > 0, logits / pen, logits * pen)
+        logits.copy_(torch.where(sb.seen_tokens, penalized, logits))
+    if sb.frequency_penalties is not None:
+        # OpenAI's rule over output tokens: logit -= count * frequency + (count > 0) * presence
+        counts = sb.output_counts
+        logits -= counts * sb.frequency_penalties[:, None]
+        logits -= (counts > 0).float() * sb.presence_penalties[:, None]
+
+
+def filter_probs(
+    probs: torch.Tensor, top_ks: torch.Tensor, top_ps: torch.Tensor, min_ps: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sorted (descending) probabilities with the filtered-out ones zeroed, and the order."""
+    sorted_probs, order = probs.sort(dim=-1, descending=True)
+    ranks = torch.arange(probs.shape[-1], device=probs.device)[None, :]
+    sorted_probs = sorted_probs.masked_fill(ranks >= top_ks[:, None], 0.0)
+    renorm = sorted_probs / sorted_probs.sum(dim=-1, keepdim=True)
+    # Keep the smallest head whose mass reaches top_p: a token stays if the mass before it
+    # is still below top_p (so the first token always stays).
+    mass_before = renorm.cumsum(dim=-1) - renorm
+    sorted_probs = sorted_probs.masked_fill(mass_before >= top_ps[:, None], 0.0)
+    threshold = sorted_probs[:, :1] * min_ps[:, None]
+    sorted_probs = sorted_probs.masked_fill(sorted_probs < threshold, 0.0)
+    return sorted_probs, order
+
+
+def uniform_from_seed(seeds: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
+    """A uniform number in [0, 1) per row, a pure function of (seed, step)."""
+    x = _hash32((seeds & _MASK32) ^ _hash32(steps * 0x9E3779B1 + (seeds >> 32)))
+    y = _hash32(x ^ 0x5BD1E995)
+    # 24 + 24 bits of two hashes -> a float64 in [0, 1).
+    return ((x >> 8).double() * 16777216.0 + (y >> 8).double()) / 281474976710656.0
+
+
+def _hash32(x: torch.Tensor) -> torch.Tensor:
+    # A 32-bit integer finalizer (xorshift-multiply); int64 math, masked to 32 bits.
+    x = x & _MASK32
+    x = ((x ^ (x >> 16)) * 0x7FEB352D) & _MASK32
+    x = ((x ^ (x >> 15)) * 0x846CA68B) & _MASK32
+    return x ^ (x >> 16)
+
+
+def sample(logits: torch.Tensor, sb: SamplingBatch) -> torch.Tensor:
+    """Next token per row (int64). `logits` is modified in place."""
+    if sb.banned_rows is not None:
+        logits[sb.banned_rows, sb.banned_tokens] = float("-inf")
+    greedy = logits.argmax(dim=-1)
+    if sb.all_greedy:
+        return greedy
+    temps = sb.temperatures.clamp_min(1e-6)[:, None]
+    probs = torch.softmax(logits / temps, dim=-1)
+    if sb.need_top_k or sb.need_top_p or sb.need_min_p:
+        sorted_probs, order = filter_probs(probs, sb.top_ks, sb.top_ps, sb.min_ps)
+    else:
+        sorted_probs, order = probs, None
+    cdf = sorted_probs.double().cumsum(dim=-1)
+    u = uniform_from_seed(sb.seeds, sb.steps)[:, None] * cdf[:, -1:]
+    index = torch.searchsorted(cdf, u, right=True).clamp_(max=cdf.shape[-1] - 1)
+    # searchsorted can land on a zeroed (filtered) entry only through rounding at its edge:
+    # step back to the last kept token then.
+    picked = index.squeeze(-1)
+    if order is not None:
+        kept = sorted_probs.gather(1, index).squeeze(-1) > 0
+        picked = torch.where(kept, picked, (sorted_probs > 0).sum(-1) - 1)
+        sampled = order.gather(1, picked[:, None]).squeeze(-1)
+    else:
+        sampled = picked
+    return torch.where(sb.temperatures == 0, greedy, sampled)
+
+
+def token_logprobs(
+    logits: torch.Tensor, token_ids: torch.Tensor, top_k: int
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """log p(token) per row, and the top_k (values, ids) per row when top_k > 0."""
+    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    chosen = logprobs.gather(1, token_ids[:, None]).squeeze(-1)
+    if top_k <= 0:
+        return chosen, None, None
+    values, ids = logprobs.topk(min(top_k, logprobs.shape[-1]), dim=-1)
+    return chosen, values, ids

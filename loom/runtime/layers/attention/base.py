@@ -1,0 +1,59 @@
+"""The attention-backend interface and the attention layer that calls it."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+import torch
+from torch import nn
+
+from loom.radix.pool import KVCachePool, ReqToTokenPool
+from loom.runtime.executor.forward_batch import ForwardBatch, ForwardMode
+
+
+class AttentionBackend(ABC):
+    """Attention over the token-granular KV pool.
+
+    `plan` runs once per batch (before the model's layers); `extend` and `decode` run once
+    per layer on that batch. The new tokens' K/V are already stored in the pool at
+    batch.out_cache_loc when they are called; the request's full KV is
+    req_to_token[req_pool_indices[i], :seq_lens[i]].
+    """
+
+    def __init__(self, req_to_token_pool: ReqToTokenPool, kv_pool: KVCachePool):
+        self.req_to_token_pool = req_to_token_pool
+        self.kv_pool = kv_pool
+
+    @abstractmethod
+    def plan(self, batch: ForwardBatch) -> None:
+        """Prepare per-batch metadata (index tensors, kernel plans) in batch.attn_metadata."""
+
+    @abstractmethod
+    def extend(self, q: torch.Tensor, layer: Attention, batch: ForwardBatch) -> torch.Tensor:
+        """q: (num_tokens, heads, head_dim) -> (num_tokens, heads, head_dim), causal."""
+
+    @abstractmethod
+    def decode(self, q: torch.Tensor, layer: Attention, batch: ForwardBatch) -> torch.Tensor:
+        """q: (bs, heads, head_dim) -> (bs, heads, head_dim)."""
+
+
+class Attention(nn.Module):
+    """Stores the new K/V in the pool, then attends through the batch's backend."""
+
+    def __init__(self, layer_id: int, num_heads: int, num_kv_heads: int, head_dim: int, scale):
+        super().__init__()
+        self.layer_id = layer_id
+        self.num_heads = num_heads
+        self.num_kv_heads = num_kv_heads
+        self.head_dim = head_dim
+        self.scale = scale
+        self.backend: AttentionBackend | None = None  # set by the model runner
+
+    def forward(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: ForwardBatch
+    ) -> torch.Tensor:
+        backend = self.backend
+        backend.kv_pool.store(self.layer_id, batch.out_cache_loc, k, v)
+        if batch.mode is ForwardMode.DECODE:
+            return backend.decode(q, self, batch)
+        return backend.extend(q, self, batch)

@@ -1,0 +1,33 @@
+"""What every loom child process does at start: logging, and dying with its parent."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+import time
+
+
+def configure_process(name: str, log_level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, log_level.upper(), logging.INFO),
+        format=f"[%(asctime)s {name}] %(levelname)s %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    # The parent handles Ctrl-C and shuts children down in order.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    watch_parent()
+
+
+def watch_parent(interval: float = 1.0) -> None:
+    """Exit when the parent process dies, so no orphan outlives the server or Engine."""
+    parent = os.getppid()
+
+    def watch() -> None:
+        while True:
+            time.sleep(interval)
+            if os.getppid() != parent:
+                os._exit(0)
+
+    threading.Thread(target=watch, daemon=True, name="parent-watch").start()

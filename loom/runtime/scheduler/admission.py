@@ -1,0 +1,81 @@
+"""Admission control: which waiting requests join the next extend batch.
+
+A request is admitted while the KV budget (free slots + evictable cache) covers its new
+tokens plus a reserve for the future tokens of everything running. The reserve counts
+each request's remaining max_new_tokens times `new_token_ratio`, an estimate of how much
+of that budget requests really use; retraction corrects an estimate that was too low.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from loom.runtime.scheduler.request import Req
+
+if TYPE_CHECKING:
+    from loom.runtime.scheduler.scheduler import Scheduler
+
+
+class PrefillAdder:
+    def __init__(self, sched: Scheduler, chunk_size: int | None):
+        self.sched = sched
+        self.kv = sched.kv
+        self.chunk_size = chunk_size
+        limit = sched.args.max_prefill_tokens
+        self.token_budget = min(limit, chunk_size) if chunk_size else limit
+        self.reqs: list[Req] = []
+        self.starts: list[int] = []
+        self.chunk_in_progress = False
+        self.reserved = sum(self._future_tokens(r) for r in sched.running)
+
+    def _future_tokens(self, req: Req) -> int:
+        remaining = req.sampling.max_new_tokens - len(req.output_ids)
+        return int(max(remaining, 0) * self.sched.new_token_ratio)
+
+    def continue_chunk(self, req: Req) -> None:
+        """The request mid-prefill gets its next chunk first."""
+        n = min(req.seqlen - req.kv_len, self.token_budget)
+        start = req.kv_len
+        if not self.kv.extend(req, n):
+            self.sched.chunked = None
+            self.sched.retract(req)
+            return
+        self._admit(req, start, n)
+
+    def try_add(self, req: Req) -> bool:
+        """Admit req if it fits; False means stop adding this round."""
+        sched = self.sched
+        if len(sched.running) + len(self.reqs) >= sched.runner.max_running_requests:
+            return False
+        if self.token_budget <= 0 or self.chunk_in_progress:
+            return False
+        self.kv.match(req)
+        if not self.kv.start(req):
+            return False
+        prefix = req.kv_len
+        n = req.seqlen - prefix
+        future = self._future_tokens(req)
+        chunked = self.chunk_size is not None and n > self.token_budget
+        if chunked:
+            n = self.token_budget
+        # With nothing else in flight a request needs room for its prompt only: retraction
+        # or the length limit handles the rest, and it must not wait forever.
+        alone = not sched.running and not self.reqs
+        need = n if alone else n + future
+        if need > self.kv.budget() - self.reserved or not self.kv.extend(req, n):
+            self.kv.release(req, finished=False)
+            return False
+        self.reserved += future
+        if req.retractions == 0 and not req.output_ids:
+            req.cached_tokens = prefix
+            sched.stats["cache_hit_tokens"] += prefix
+            sched.stats["prompt_tokens"] += len(req.origin_input_ids)
+        self._admit(req, prefix, n)
+        return not self.chunk_in_progress
+
+    def _admit(self, req: Req, start: int, n: int) -> None:
+        self.reqs.append(req)
+        self.starts.append(start)
+        self.token_budget -= n
+        if req.kv_len < req.seqlen:
+            self.chunk_in_progress = True

@@ -1,0 +1,136 @@
+"""Builds the executor's inputs (ForwardBatch, SamplingBatch) from scheduled requests.
+
+Each builder assumes the requests' KV slots for the new tokens are already allocated
+and written into req_to_token; it only gathers tensors.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from loom.radix.pool import ReqToTokenPool
+from loom.runtime.executor.forward_batch import ForwardBatch, ForwardMode
+from loom.runtime.executor.sampler import SamplingBatch
+from loom.runtime.scheduler.request import Req
+
+
+def extend_batch(
+    reqs: list[Req], starts: list[int], pool: ReqToTokenPool, device: torch.device
+) -> ForwardBatch:
+    """Tokens fill_ids[start : req.kv_len] of each request; starts are the cached lengths."""
+    ids: list[int] = []
+    positions: list[int] = []
+    ext_lens, logits_starts = [], []
+    for req, start in zip(reqs, starts):
+        ids.extend(req.fill_ids[start : req.kv_len])
+        positions.extend(range(start, req.kv_len))
+        ext_lens.append(req.kv_len - start)
+        logits_starts.append(prompt_logits_start(req, start))
+    slots = torch.cat([pool.read(r.req_pool_idx, s, r.kv_len) for r, s in zip(reqs, starts)])
+    return ForwardBatch(
+        mode=ForwardMode.EXTEND,
+        batch_size=len(reqs),
+        input_ids=torch.tensor(ids, dtype=torch.int64, device=device),
+        positions=torch.tensor(positions, dtype=torch.int64, device=device),
+        req_pool_indices=torch.tensor([r.req_pool_idx for r in reqs], device=device),
+        seq_lens=torch.tensor([r.kv_len for r in reqs], device=device),
+        out_cache_loc=slots.to(device),
+        seq_lens_cpu=[r.kv_len for r in reqs],
+        extend_prefix_lens_cpu=list(starts),
+        extend_seq_lens_cpu=ext_lens,
+        logits_start_cpu=logits_starts,
+    )
+
+
+def prompt_logits_start(req: Req, start: int) -> int:
+    """Index (within this step's new tokens) of the first position whose logits give a
+    prompt-token logprob, or -1 when this step needs none.
+
+    The logprob of prompt token p comes from the logits at position p - 1.
+    """
+    if not req.return_logprob or req.logprob_start_len < 0 or req.output_ids:
+        return -1
+    first_pos = max(req.logprob_start_len, 1) - 1
+    last_pos = len(req.origin_input_ids) - 2  # logits here predict the last prompt token
+    lo = max(first_pos, start)
+    if lo > last_pos or lo >= req.kv_len:
+        return -1
+    return lo - start
+
+
+def decode_batch(reqs: list[Req], slots: torch.Tensor, device: torch.device) -> ForwardBatch:
+    """One new token per request: its last output token, at position seqlen - 1."""
+    seq_lens = [r.kv_len for r in reqs]
+    return ForwardBatch(
+        mode=ForwardMode.DECODE,
+        batch_size=len(reqs),
+        input_ids=torch.tensor([r.output_ids[-1] for r in reqs], dtype=torch.int64, device=device),
+        positions=torch.tensor([n - 1 for n in seq_lens], dtype=torch.int64, device=device),
+        req_pool_indices=torch.tensor([r.req_pool_idx for r in reqs], device=device),
+        seq_lens=torch.tensor(seq_lens, device=device),
+        out_cache_loc=slots.to(device),
+        seq_lens_cpu=seq_lens,
+    )
+
+
+def sampling_batch(
+    reqs: list[Req], vocab_size: int, device: torch.device, eos_ids: set[int]
+) -> SamplingBatch:
+    params = [r.sampling for r in reqs]
+    temps = [p.temperature for p in params]
+    top_ks = [p.top_k if p.top_k > 0 else vocab_size for p in params]
+    sb = SamplingBatch(
+        temperatures=torch.tensor(temps, dtype=torch.float32, device=device),
+        top_ks=torch.tensor(top_ks, dtype=torch.int64, device=device),
+        top_ps=torch.tensor([p.top_p for p in params], dtype=torch.float32, device=device),
+        min_ps=torch.tensor([p.min_p for p in params], dtype=torch.float32, device=device),
+        seeds=torch.tensor([r.seed for r in reqs], dtype=torch.int64, device=device),
+        steps=torch.tensor([len(r.output_ids) for r in reqs], dtype=torch.int64, device=device),
+        all_greedy=all(t == 0 for t in temps),
+        need_top_k=any(k < vocab_size for k in top_ks),
+        need_top_p=any(p.top_p < 1 for p in params),
+        need_min_p=any(p.min_p > 0 for p in params),
+    )
+    _add_penalties(sb, reqs, vocab_size, device)
+    _add_min_tokens_bans(sb, reqs, device, eos_ids)
+    return sb
+
+
+def _add_penalties(sb: SamplingBatch, reqs: list[Req], vocab: int, device) -> None:
+    params = [r.sampling for r in reqs]
+    if any(p.repetition_penalty != 1.0 for p in params):
+        seen = torch.zeros((len(reqs), vocab), dtype=torch.bool, device=device)
+        for row, req in enumerate(reqs):
+            ids = torch.tensor(req.fill_ids, dtype=torch.int64, device=device)
+            seen[row, ids[ids < vocab]] = True
+        sb.seen_tokens = seen
+        sb.repetition_penalties = torch.tensor(
+            [p.repetition_penalty for p in params], dtype=torch.float32, device=device
+        )
+    if any(p.frequency_penalty != 0 or p.presence_penalty != 0 for p in params):
+        counts = torch.zeros((len(reqs), vocab), dtype=torch.float32, device=device)
+        for row, req in enumerate(reqs):
+            if req.output_ids:
+                ids = torch.tensor(req.output_ids, dtype=torch.int64, device=device)
+                counts[row].scatter_add_(0, ids, torch.ones_like(ids, dtype=torch.float32))
+        sb.output_counts = counts
+        sb.frequency_penalties = torch.tensor(
+            [p.frequency_penalty for p in params], dtype=torch.float32, device=device
+        )
+        sb.presence_penalties = torch.tensor(
+            [p.presence_penalty for p in params], dtype=torch.float32, device=device
+        )
+
+
+def _add_min_tokens_bans(sb: SamplingBatch, reqs: list[Req], device, eos_ids: set[int]) -> None:
+    rows, tokens = [], []
+    for row, req in enumerate(reqs):
+        p = req.sampling
+        if len(req.output_ids) >= p.min_new_tokens:
+            continue
+        banned = set(p.stop_token_ids) | (set() if p.ignore_eos else eos_ids)
+        rows.extend([row] * len(banned))
+        tokens.extend(sorted(banned))
+    if rows:
+        sb.banned_rows = torch.tensor(rows, dtype=torch.int64, device=device)
+        sb.banned_tokens = torch.tensor(tokens, dtype=torch.int64, device=device)

@@ -1,0 +1,42 @@
+"""Decides whether a request is finished after it receives a new token."""
+
+from __future__ import annotations
+
+from loom.runtime.scheduler.request import FinishReason, Req
+
+
+class FinishChecker:
+    def __init__(self, tokenizer, eos_ids: set[int], context_len: int):
+        self.tokenizer = tokenizer
+        self.eos_ids = eos_ids
+        self.context_len = context_len
+
+    def check(self, req: Req) -> FinishReason | None:
+        p = req.sampling
+        token = req.output_ids[-1]
+        if len(req.output_ids) >= p.min_new_tokens:
+            if token in p.stop_token_ids or (not p.ignore_eos and token in self.eos_ids):
+                return FinishReason("stop", token)
+            if req.grammar is not None and req.grammar.is_terminated():
+                return FinishReason("stop", token)
+            matched = self._stop_string(req)
+            if matched is not None:
+                return FinishReason("stop", matched)
+        if len(req.output_ids) >= p.max_new_tokens:
+            return FinishReason("length", None)
+        if req.seqlen >= self.context_len:
+            return FinishReason("length", None, "reached the context length")
+        return None
+
+    def _stop_string(self, req: Req) -> str | None:
+        stops = req.sampling.stop
+        if not stops or self.tokenizer is None:
+            return None
+        # Every token covers at least one byte, so a stop string of B bytes lies within the
+        # last B tokens (plus a partial character at either end): decode only that tail.
+        window = max(len(s.encode()) for s in stops) + 2
+        tail = self.tokenizer.decode(
+            req.output_ids[-window:], skip_special_tokens=req.sampling.skip_special_tokens
+        )
+        hits = [(tail.find(s), s) for s in stops if s in tail]
+        return min(hits)[1] if hits else None

@@ -1,0 +1,87 @@
+"""The scheduler process: receives requests over zmq, steps the scheduler, sends outputs."""
+
+from __future__ import annotations
+
+import logging
+import traceback
+
+from loom.runtime import messages as m
+from loom.runtime.args import ServerArgs
+
+logger = logging.getLogger(__name__)
+
+_IDLE_POLL_MS = 2  # while only grammar compiles are pending
+
+
+def run_scheduler_process(
+    args: ServerArgs, model_folder: str, in_addr: str, out_addr: str, ready_conn
+) -> None:
+    import zmq
+
+    from loom.runtime.process_util import configure_process
+    from loom.runtime.scheduler.scheduler import Scheduler
+
+    configure_process("scheduler", args.log_level)
+    ctx = zmq.Context(1)
+    receiver = ctx.socket(zmq.PULL)
+    receiver.bind(in_addr)
+    sender = ctx.socket(zmq.PUSH)
+    sender.connect(out_addr)
+    try:
+        sched = Scheduler(args, model_folder)
+    except Exception as e:  # noqa: BLE001 - reported to the parent, which raises it
+        ready_conn.send(m.SchedulerCrashed(f"{type(e).__name__}: {e}\n{traceback.format_exc()}"))
+        return
+    info = sched.server_info()
+    logger.info(
+        "model ready on %s (%s): KV capacity %d tokens, context %d",
+        sched.device, sched.runner.dtype, info.max_total_tokens, info.context_length,
+    )
+    ready_conn.send(m.SchedulerReady(info))
+    try:
+        _loop(sched, receiver, sender)
+    except Exception as e:  # noqa: BLE001 - every waiting caller must learn of the crash
+        logger.exception("scheduler crashed")
+        sender.send_pyobj(m.SchedulerCrashed(f"scheduler crashed: {type(e).__name__}: {e}"))
+        raise SystemExit(1) from e
+
+
+def _loop(sched, receiver, sender) -> None:
+    import zmq
+
+    poller = zmq.Poller()
+    poller.register(receiver, zmq.POLLIN)
+    while True:
+        if sched.has_work():
+            timeout = 0 if sched.running or sched.waiting or sched.chunked else _IDLE_POLL_MS
+        else:
+            timeout = None  # idle: sleep until a message arrives
+        events = dict(poller.poll(timeout))
+        while events.get(receiver) or receiver.poll(0):
+            events = {}
+            msg = receiver.recv_pyobj()
+            if isinstance(msg, m.ShutdownRequest):
+                sender.send_pyobj(msg)  # the detokenizer stops on it too
+                return
+            reply = _handle(sched, msg)
+            if reply is not None:
+                sender.send_pyobj(reply)
+        if sched.has_work():
+            sched.step()
+        outputs = sched.take_outputs()
+        if outputs:
+            sender.send_pyobj(m.BatchOutput(outputs))
+
+
+def _handle(sched, msg):
+    if isinstance(msg, m.GenerateRequest):
+        sched.add_request(msg)
+    elif isinstance(msg, m.AbortRequest):
+        sched.abort(msg.rid)
+    elif isinstance(msg, m.FlushCacheRequest):
+        return sched.flush_cache()
+    elif isinstance(msg, m.ServerInfoRequest):
+        return sched.server_info()
+    else:
+        logger.warning("unknown message %r", type(msg).__name__)
+    return None

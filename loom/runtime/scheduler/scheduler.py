@@ -1,0 +1,362 @@
+"""The scheduler: continuous batching over the KV pool and the prefix cache.
+
+Each `step` runs one forward: an extend batch of newly admitted requests (or the next
+chunk of a long prompt), or a decode batch of every running request. Extend and decode
+alternate while both have work, so decode keeps going between prefill chunks.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+
+import torch
+from transformers import AutoTokenizer
+
+from loom.radix.base import PrefixCache
+from loom.runtime import messages as m
+from loom.runtime.args import ServerArgs
+from loom.runtime.executor.model_runner import LogitsOutput, ModelRunner
+from loom.runtime.executor.sampler import apply_penalties, sample, token_logprobs
+from loom.runtime.scheduler import batch as batching
+from loom.runtime.scheduler.admission import PrefillAdder
+from loom.runtime.scheduler.finish import FinishChecker
+from loom.runtime.scheduler.kv_ops import KVOps
+from loom.runtime.scheduler.policy import SchedulePolicy
+from loom.runtime.scheduler.request import FinishReason, Req
+
+logger = logging.getLogger(__name__)
+
+
+class Scheduler:
+    def __init__(self, args: ServerArgs, model_folder: str):
+        self.args = args
+        self.runner = ModelRunner(args, model_folder)
+        self.device = self.runner.device
+        self.tokenizer = AutoTokenizer.from_pretrained(args.tokenizer_path or model_folder)
+        self.eos_ids = eos_token_ids(self.runner.config, self.tokenizer, model_folder)
+        self.kv = KVOps(self.runner, _make_cache(args, self.runner))
+        self.policy = SchedulePolicy(args.schedule_policy, self.kv.cache, self.kv.match)
+        self.finish = FinishChecker(self.tokenizer, self.eos_ids, self.runner.context_len)
+        self.grammar = _make_grammar_backend(args, self.tokenizer, self.runner.vocab_size)
+        self.chunk_size = _chunk_size(args, self.device)
+        self.rng = random.Random(args.random_seed)
+
+        self.waiting: list[Req] = []
+        self.running: list[Req] = []
+        self.grammar_queue: list[tuple[Req, object, float]] = []  # (req, future, deadline)
+        self.chunked: Req | None = None  # mid-prefill: gets its next chunk before others
+        self.outbox: list[m.ReqOutput] = []
+        self.last_was_extend = False
+        # Share of running requests' remaining max_new_tokens reserved in admission:
+        # decays while decoding goes well, jumps back up after a retraction.
+        self.init_token_ratio = min(0.7 * args.schedule_conservativeness, 1.0)
+        self.new_token_ratio = self.init_token_ratio
+        self.stats = {"cache_hit_tokens": 0, "prompt_tokens": 0, "generation_tokens": 0}
+
+    # ---- requests in -------------------------------------------------------------------
+
+    def add_request(self, msg: m.GenerateRequest) -> None:
+        seed = msg.sampling.seed if msg.sampling.seed is not None else self.rng.getrandbits(62)
+        req = Req(
+            rid=msg.rid,
+            origin_input_ids=list(msg.input_ids),
+            sampling=msg.sampling,
+            return_logprob=msg.return_logprob,
+            logprob_start_len=msg.logprob_start_len,
+            top_logprobs_num=msg.top_logprobs_num,
+            stream=msg.stream,
+            seed=seed,
+        )
+        problem = self._admissibility_problem(req)
+        if problem:
+            self._finish(req, FinishReason("abort", None, problem))
+            return
+        constraint = msg.sampling.constraint
+        if constraint is None:
+            self.waiting.append(req)
+            return
+        future = self.grammar.get_matcher(*constraint)
+        self.grammar_queue.append((req, future, time.monotonic() + self.args.grammar_compile_timeout))
+
+    def _admissibility_problem(self, req: Req) -> str | None:
+        n = len(req.origin_input_ids)
+        if n == 0:
+            return "the prompt is empty"
+        if n >= self.runner.context_len:
+            return f"the prompt has {n} tokens; the context length is {self.runner.context_len}"
+        if n + 1 > self.runner.max_total_tokens:
+            return f"the prompt ({n} tokens) does not fit the KV pool ({self.runner.max_total_tokens})"
+        if max(req.origin_input_ids) >= self.runner.vocab_size or min(req.origin_input_ids) < 0:
+            return f"input_ids must be in [0, {self.runner.vocab_size})"
+        if req.sampling.constraint is not None and self.grammar is None:
+            return "constrained decoding is disabled (--grammar-backend none)"
+        return None
+
+    def abort(self, rid: str) -> None:
+        for queue in (self.waiting, [g[0] for g in self.grammar_queue]):
+            for req in queue:
+                if req.rid == rid:
+                    self._finish(req, FinishReason("abort", None, "aborted by the client"))
+        self.waiting = [r for r in self.waiting if r.rid != rid]
+        self.grammar_queue = [g for g in self.grammar_queue if g[0].rid != rid]
+        for req in list(self.running) + ([self.chunked] if self.chunked else []):
+            if req.rid == rid and not req.finished:
+                self._finish(req, FinishReason("abort", None, "aborted by the client"))
+                self.kv.release(req, finished=True)
+        self.running = [r for r in self.running if not r.finished]
+        if self.chunked is not None and self.chunked.finished:
+            self.chunked = None
+
+    def flush_cache(self) -> m.FlushCacheResult:
+        if self.running or self.chunked or self.waiting:
+            return m.FlushCacheResult(False, "requests are in flight; flush when idle")
+        self.kv.cache.reset()
+        return m.FlushCacheResult(True)
+
+    def server_info(self) -> m.ServerInfo:
+        cache = self.kv.cache
+        return m.ServerInfo(
+            max_total_tokens=self.runner.max_total_tokens,
+            available_tokens=self.runner.allocator.available(),
+            cache_tokens=cache.total_size(),
+            evictable_tokens=cache.evictable_size(),
+            running_requests=len(self.running) + (1 if self.chunked else 0),
+            waiting_requests=len(self.waiting) + len(self.grammar_queue),
+            context_length=self.runner.context_len,
+            max_running_requests=self.runner.max_running_requests,
+            vocab_size=self.runner.vocab_size,
+            cache_hit_tokens=self.stats["cache_hit_tokens"],
+            prompt_tokens_total=self.stats["prompt_tokens"],
+            generation_tokens_total=self.stats["generation_tokens"],
+        )
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running or self.chunked or self.grammar_queue)
+
+    def take_outputs(self) -> list[m.ReqOutput]:
+        out, self.outbox = self.outbox, []
+        return out
+
+    # ---- one step ----------------------------------------------------------------------
+
+    def step(self) -> None:
+        self._poll_grammars()
+        decode_first = self.last_was_extend and self.running
+        if not decode_first and self._run_extend_step():
+            self.last_was_extend = True
+            return
+        self.last_was_extend = False
+        if self.running:
+            self._run_decode_step()
+
+    def _poll_grammars(self) -> None:
+        still = []
+        for req, future, deadline in self.grammar_queue:
+            if future.done():
+                try:
+                    req.grammar = future.result()
+                except Exception as e:  # noqa: BLE001 - any compile failure fails only this request
+                    self._finish(req, FinishReason("abort", None, f"grammar error: {e}"))
+                    continue
+                self.waiting.append(req)
+            elif time.monotonic() > deadline:
+                self._finish(req, FinishReason("abort", None, "grammar compile timed out"))
+            else:
+                still.append((req, future, deadline))
+        self.grammar_queue = still
+
+    def _run_extend_step(self) -> bool:
+        adder = PrefillAdder(self, self.chunk_size)
+        if self.chunked is not None:
+            adder.continue_chunk(self.chunked)
+        if not adder.chunk_in_progress and self.waiting:
+            for req in self.policy.order(self.waiting):
+                if not adder.try_add(req):
+                    break
+        if not adder.reqs:
+            return False
+        admitted = {id(r) for r in adder.reqs}
+        self.waiting = [r for r in self.waiting if id(r) not in admitted]
+        batch = batching.extend_batch(adder.reqs, adder.starts, self.runner.req_to_token_pool, self.device)
+        out = self.runner.forward(batch)
+        self._gather_prompt_logprobs(adder.reqs, adder.starts, out)
+        done = [r for r in adder.reqs if r.kv_len == r.seqlen]
+        self.chunked = next((r for r in adder.reqs if r.kv_len < r.seqlen), None)
+        for req in adder.reqs:  # siblings arriving from now on share these prompts at once
+            self.kv.cache_unfinished(req)
+        rows = [i for i, r in enumerate(adder.reqs) if r.kv_len == r.seqlen]
+        self._sample_and_advance(done, out.next_logits[rows])
+        self.running.extend(r for r in done if not r.finished)
+        return True
+
+    def _run_decode_step(self) -> None:
+        slots = self.kv.alloc_decode_slots(self.running, self.retract)
+        if not self.running:
+            return
+        self.new_token_ratio = max(self.new_token_ratio - 0.001, 0.1 * self.init_token_ratio)
+        batch = batching.decode_batch(self.running, slots, self.device)
+        out = self.runner.forward(batch)
+        self._sample_and_advance(self.running, out.next_logits)
+        self.running = [r for r in self.running if not r.finished]
+
+    def retract(self, req: Req) -> None:
+        """Preempt: free the request's KV and requeue it at the front; it restarts later
+        from its tokens so far (the result is the same, only recomputed)."""
+        if not self.running and self.chunked is None and req.output_ids:
+            # Nothing else holds KV: this request alone outgrew the pool.
+            self._finish(req, FinishReason("length", None, "the KV cache is full"))
+            self.kv.release(req, finished=True)
+            return
+        self.kv.release(req, finished=False)
+        if not req.output_ids:  # prompt logprobs are gathered again on re-prefill
+            req.input_token_logprobs.clear()
+            req.input_top_logprobs.clear()
+        req.retractions += 1
+        self.new_token_ratio = self.init_token_ratio
+        self.waiting.insert(0, req)
+        logger.info("retracted %s (%d tokens generated) to free KV", req.rid, len(req.output_ids))
+
+    # ---- tokens out --------------------------------------------------------------------
+
+    def _sample_and_advance(self, reqs: list[Req], logits: torch.Tensor) -> None:
+        if not reqs:
+            return
+        logprob_rows = [i for i, r in enumerate(reqs) if r.return_logprob]
+        raw = logits[logprob_rows].clone() if logprob_rows else None
+        sb = batching.sampling_batch(reqs, self.runner.vocab_size, self.device, self.eos_ids)
+        apply_penalties(logits, sb)
+        self._apply_grammar_masks(reqs, logits)
+        next_ids = sample(logits, sb)
+        if raw is not None:
+            self._gather_output_logprobs(reqs, logprob_rows, raw, next_ids[logprob_rows])
+        for req, token in zip(reqs, next_ids.tolist()):
+            req.output_ids.append(token)
+            self.stats["generation_tokens"] += 1
+            if req.grammar is not None and not req.grammar.accept_token(token):
+                self._finish(req, FinishReason("abort", None, "grammar rejected a sampled token"))
+            else:
+                reason = self.finish.check(req)
+                if reason is not None:
+                    self._finish(req, reason)
+            if req.finished:
+                self.kv.release(req, finished=True)
+            elif req.stream:
+                self._emit(req)
+
+    def _apply_grammar_masks(self, reqs: list[Req], logits: torch.Tensor) -> None:
+        rows = [i for i, r in enumerate(reqs) if r.grammar is not None]
+        if not rows:
+            return
+        bitmask = self.grammar.allocate_bitmask(len(reqs))
+        for i in rows:
+            reqs[i].grammar.fill_bitmask(bitmask, i)
+        self.grammar.apply_bitmask(logits, bitmask, rows)
+
+    def _gather_output_logprobs(self, reqs, rows, raw, tokens) -> None:
+        k = max(reqs[i].top_logprobs_num for i in rows)
+        chosen, top_v, top_i = token_logprobs(raw, tokens, k)
+        chosen, tokens = chosen.tolist(), tokens.tolist()
+        top_v = top_v.tolist() if top_v is not None else None
+        top_i = top_i.tolist() if top_i is not None else None
+        for j, i in enumerate(rows):
+            req = reqs[i]
+            req.output_token_logprobs.append((chosen[j], tokens[j]))
+            n = req.top_logprobs_num
+            if n > 0:
+                req.output_top_logprobs.append(list(zip(top_v[j][:n], top_i[j][:n])))
+
+    def _gather_prompt_logprobs(self, reqs: list[Req], starts: list[int], out: LogitsOutput):
+        for req, start, logits in zip(reqs, starts, out.prompt_logits):
+            if logits is None:
+                continue
+            if req.logprob_start_len == 0 and start == 0:  # the first token has no logprob
+                req.input_token_logprobs.append((None, req.origin_input_ids[0]))
+                if req.top_logprobs_num:
+                    req.input_top_logprobs.append(None)
+            first_pos = start + batching.prompt_logits_start(req, start)
+            n = min(logits.shape[0], len(req.origin_input_ids) - 1 - first_pos)
+            targets = torch.tensor(
+                req.origin_input_ids[first_pos + 1 : first_pos + 1 + n], device=logits.device
+            )
+            chosen, top_v, top_i = token_logprobs(logits[:n], targets, req.top_logprobs_num)
+            req.input_token_logprobs.extend(zip(chosen.tolist(), targets.tolist()))
+            if top_v is not None:
+                for vals, ids in zip(top_v.tolist(), top_i.tolist()):
+                    req.input_top_logprobs.append(list(zip(vals, ids)))
+
+    def _finish(self, req: Req, reason: FinishReason) -> None:
+        req.finished_reason = reason
+        self._emit(req)
+
+    def _emit(self, req: Req) -> None:
+        sent = getattr(req, "sent_len", 0)
+        first = sent == 0 and not getattr(req, "sent_input_logprobs", False)
+        out = m.ReqOutput(
+            rid=req.rid,
+            new_token_ids=req.output_ids[sent:],
+            finished_reason=req.finished_reason.to_json() if req.finished_reason else None,
+            prompt_tokens=len(req.origin_input_ids),
+            completion_tokens=len(req.output_ids),
+            cached_tokens=req.cached_tokens,
+            stop=req.sampling.stop,
+            skip_special_tokens=req.sampling.skip_special_tokens,
+            spaces_between_special_tokens=req.sampling.spaces_between_special_tokens,
+            no_stop_trim=req.sampling.no_stop_trim,
+        )
+        if req.return_logprob:
+            lp_sent = getattr(req, "sent_logprob_len", 0)
+            out.output_token_logprobs = req.output_token_logprobs[lp_sent:]
+            out.output_top_logprobs = req.output_top_logprobs[lp_sent:]
+            req.sent_logprob_len = len(req.output_token_logprobs)
+            if first:
+                out.input_token_logprobs = req.input_token_logprobs
+                out.input_top_logprobs = req.input_top_logprobs
+                req.sent_input_logprobs = True
+        req.sent_len = len(req.output_ids)
+        self.outbox.append(out)
+
+
+def eos_token_ids(config, tokenizer, folder: str) -> set[int]:
+    ids: set[int] = set()
+    for source in (getattr(config, "eos_token_id", None), tokenizer.eos_token_id):
+        if isinstance(source, int):
+            ids.add(source)
+        elif isinstance(source, list):
+            ids.update(source)
+    try:
+        from transformers import GenerationConfig
+
+        gen = GenerationConfig.from_pretrained(folder).eos_token_id
+        ids.update(gen if isinstance(gen, list) else [gen] if gen is not None else [])
+    except OSError:
+        pass
+    return ids
+
+
+def _make_cache(args: ServerArgs, runner: ModelRunner) -> PrefixCache:
+    if args.disable_radix_cache:
+        from loom.radix.chunk_cache import ChunkCache
+
+        return ChunkCache(runner.allocator)
+    from loom.radix.cache import RadixCache
+
+    return RadixCache(runner.allocator)
+
+
+def _make_grammar_backend(args: ServerArgs, tokenizer, vocab_size: int):
+    if args.grammar_backend == "none":
+        return None
+    from loom.constrain.factory import create_grammar_backend
+
+    return create_grammar_backend(
+        args.grammar_backend, tokenizer, vocab_size, compile_timeout=args.grammar_compile_timeout
+    )
+
+
+def _chunk_size(args: ServerArgs, device: torch.device) -> int | None:
+    size = args.chunked_prefill_size
+    if size is None:
+        size = 8192 if device.type == "cuda" else 2048
+    return None if size <= 0 else size

@@ -1,0 +1,149 @@
+"""A generate call (single or batch, text or ids) -> validated per-completion requests.
+
+Everything a caller can get wrong is checked here, before anything reaches the scheduler,
+so a bad request never touches its state.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from loom.runtime.messages import GenerateRequest
+from loom.runtime.sampling_params import InvalidRequestError, SamplingParams
+
+MAX_TOP_LOGPROBS = 64
+
+
+@dataclass
+class GenerateInput:
+    text: str | list[str] | None = None
+    input_ids: list[int] | list[list[int]] | None = None
+    sampling_params: dict | list[dict] | None = None
+    rid: str | list[str] | None = None
+    return_logprob: bool | list[bool] = False
+    logprob_start_len: int | list[int] = -1
+    top_logprobs_num: int | list[int] = 0
+    return_text_in_logprobs: bool = False
+    stream: bool = False
+
+
+@dataclass
+class Item:
+    """One completion: `index` is its place in the caller's (flattened) result list."""
+
+    index: int
+    request: GenerateRequest
+    return_text_in_logprobs: bool
+
+
+class InputLimits:
+    def __init__(self, tokenizer, context_len: int, vocab_size: int, grammar_check=None):
+        self.tokenizer = tokenizer
+        self.context_len = context_len
+        self.vocab_size = vocab_size
+        self.grammar_check = grammar_check  # (kind, text, lenient) -> None or raises
+
+
+def expand(obj: GenerateInput, limits: InputLimits) -> tuple[list[Item], bool]:
+    """Returns the items and whether the caller asked with a batch (so expects a list)."""
+    prompts, is_batch = _prompts(obj, limits.tokenizer)
+    count = len(prompts)
+    params = _per_prompt(obj.sampling_params, count, "sampling_params", default=None)
+    rids = _per_prompt(obj.rid, count, "rid", default=None)
+    logprob = _per_prompt(obj.return_logprob, count, "return_logprob", default=False)
+    starts = _per_prompt(obj.logprob_start_len, count, "logprob_start_len", default=-1)
+    tops = _per_prompt(obj.top_logprobs_num, count, "top_logprobs_num", default=0)
+    items: list[Item] = []
+    for i, ids in enumerate(prompts):
+        _check_prompt(ids, limits, i if is_batch else None)
+        sp = _sampling(params[i], limits)
+        _check_logprob_args(starts[i], tops[i], len(ids))
+        base = rids[i] or uuid.uuid4().hex
+        for j in range(sp.n):
+            copy = SamplingParams(**{**sp.to_dict(), "n": 1})
+            if sp.n > 1 and sp.seed is not None:
+                copy.seed = sp.seed + j  # distinct yet reproducible completions
+            rid = base if sp.n == 1 else f"{base}-{j}"
+            req = GenerateRequest(rid, ids, copy, bool(logprob[i]), starts[i], tops[i], obj.stream)
+            items.append(Item(len(items), req, obj.return_text_in_logprobs))
+    return items, is_batch or len(items) > 1  # n > 1 also answers with a list
+
+
+def _prompts(obj: GenerateInput, tokenizer) -> tuple[list[list[int]], bool]:
+    if (obj.text is None) == (obj.input_ids is None):
+        raise InvalidRequestError("give exactly one of `text` (or prompt) and `input_ids`")
+    if obj.text is not None:
+        if isinstance(obj.text, str):
+            return [tokenizer(obj.text).input_ids], False
+        if not isinstance(obj.text, list) or not all(isinstance(t, str) for t in obj.text):
+            raise InvalidRequestError("`text` must be a string or a list of strings")
+        if not obj.text:
+            raise InvalidRequestError("`text` is an empty list")
+        return [tokenizer(t).input_ids for t in obj.text], True
+    ids = obj.input_ids
+    if isinstance(ids, list) and ids and all(_is_int(t) for t in ids):
+        return [list(ids)], False
+    if isinstance(ids, list) and ids and all(isinstance(p, list) for p in ids):
+        if not all(all(_is_int(t) for t in p) for p in ids):
+            raise InvalidRequestError("`input_ids` must hold integers")
+        return [list(p) for p in ids], True
+    raise InvalidRequestError("`input_ids` must be a non-empty list of ints or of lists of ints")
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _per_prompt(value, count: int, name: str, default) -> list:
+    if isinstance(value, list) and name != "input_ids":
+        if len(value) != count:
+            raise InvalidRequestError(f"`{name}` has {len(value)} entries for {count} prompts")
+        return value
+    return [value if value is not None else default] * count
+
+
+def _check_prompt(ids: list[int], limits: InputLimits, index: int | None) -> None:
+    where = f"prompt {index}" if index is not None else "the prompt"
+    if not ids:
+        raise InvalidRequestError(f"{where} is empty")
+    if len(ids) >= limits.context_len:
+        raise InvalidRequestError(
+            f"{where} has {len(ids)} tokens, but the context length is {limits.context_len}; "
+            "shorten it (or start the server with a larger --context-length)"
+        )
+    bad = [t for t in ids if not 0 <= t < limits.vocab_size]
+    if bad:
+        raise InvalidRequestError(
+            f"{where} has token ids outside [0, {limits.vocab_size}): {bad[:5]}"
+        )
+
+
+def _sampling(d: Any, limits: InputLimits) -> SamplingParams:
+    if d is not None and not isinstance(d, dict):
+        raise InvalidRequestError("`sampling_params` must be an object (or a list of them)")
+    d = dict(d or {})
+    schema = d.get("json_schema")
+    if schema is not None and not isinstance(schema, str):
+        import json
+
+        d["json_schema"] = json.dumps(schema)  # accept a dict as well as a JSON string
+    params = SamplingParams.from_dict(d)
+    constraint = params.constraint
+    if constraint is not None and limits.grammar_check is not None:
+        try:
+            limits.grammar_check(*constraint, params.json_schema_lenient)
+        except ValueError as e:
+            raise InvalidRequestError(str(e)) from e
+    return params
+
+
+def _check_logprob_args(start: Any, top: Any, prompt_len: int) -> None:
+    if not _is_int(start) or start < -1 or start >= prompt_len:
+        raise InvalidRequestError(
+            f"logprob_start_len must be -1 (no prompt logprobs) or in [0, {prompt_len}), "
+            f"got {start!r}"
+        )
+    if not _is_int(top) or not 0 <= top <= MAX_TOP_LOGPROBS:
+        raise InvalidRequestError(f"top_logprobs_num must be in [0, {MAX_TOP_LOGPROBS}], got {top!r}")

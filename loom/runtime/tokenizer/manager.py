@@ -1,0 +1,137 @@
+"""The tokenizer manager (asyncio, main process): validated requests out to the scheduler,
+text results back from the detokenizer, routed to the caller that waits for them."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+from collections.abc import AsyncIterator
+
+from loom.runtime import messages as m
+from loom.runtime.sampling_params import InvalidRequestError
+from loom.runtime.tokenizer.inputs import GenerateInput, InputLimits, Item, expand
+from loom.runtime.tokenizer.results import RequestState
+
+logger = logging.getLogger(__name__)
+
+
+class SchedulerDeadError(RuntimeError):
+    """The scheduler process is gone; requests cannot be served."""
+
+
+class TokenizerManager:
+    def __init__(self, tokenizer, limits: InputLimits, to_scheduler: str, from_detokenizer: str):
+        import zmq
+        import zmq.asyncio
+
+        self.tokenizer = tokenizer
+        self.limits = limits
+        self.ctx = zmq.asyncio.Context(1)
+        self.sender = self.ctx.socket(zmq.PUSH)
+        self.sender.connect(to_scheduler)
+        self.receiver = self.ctx.socket(zmq.PULL)
+        self.receiver.bind(from_detokenizer)
+        self.states: dict[str, tuple[RequestState, asyncio.Queue]] = {}
+        self.replies: dict[type, collections.deque] = collections.defaultdict(collections.deque)
+        self.dead: str | None = None
+        self._task: asyncio.Task | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._receive_loop())
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+        self.ctx.destroy(linger=0)
+
+    def mark_dead(self, reason: str) -> None:
+        """The scheduler is gone: fail everything in flight and every later request."""
+        if self.dead is None:
+            self.dead = reason
+            logger.error("%s", reason)
+        for state, queue in list(self.states.values()):
+            queue.put_nowait((state, SchedulerDeadError(reason)))
+        for waiters in self.replies.values():
+            while waiters:
+                waiters.popleft().set_exception(SchedulerDeadError(reason))
+
+    async def _receive_loop(self) -> None:
+        while True:
+            msg = await self.receiver.recv_pyobj()
+            if isinstance(msg, m.BatchOutput):
+                for out in msg.outputs:
+                    entry = self.states.get(out.rid)
+                    if entry is not None:
+                        entry[1].put_nowait((entry[0], out))
+            elif isinstance(msg, m.SchedulerCrashed):
+                self.mark_dead(msg.message)
+            elif self.replies[type(msg)]:
+                self.replies[type(msg)].popleft().set_result(msg)
+
+    # ---- generate ----------------------------------------------------------------------
+
+    def prepare(self, obj: GenerateInput) -> tuple[list[Item], bool]:
+        """Validate (raises InvalidRequestError) without sending anything."""
+        if self.dead is not None:
+            raise SchedulerDeadError(self.dead)
+        items, is_batch = expand(obj, self.limits)
+        for item in items:
+            if item.request.rid in self.states:
+                raise InvalidRequestError(f"request id {item.request.rid!r} is already in flight")
+        return items, is_batch
+
+    async def generate(self, obj: GenerateInput) -> AsyncIterator:
+        """Stream: yields chunks (with "index" for batches). Otherwise yields once: the
+        result dict, or the list of them for a batch / n > 1."""
+        items, is_batch = self.prepare(obj)
+        queue: asyncio.Queue = asyncio.Queue()
+        states = [RequestState(item, self.tokenizer) for item in items]
+        for state in states:
+            self.states[state.item.request.rid] = (state, queue)
+            self.sender.send_pyobj(state.item.request)
+        unfinished = len(states)
+        try:
+            while unfinished:
+                state, out = await queue.get()
+                if isinstance(out, Exception):
+                    raise out
+                chunk = state.absorb(out)
+                if state.finished:
+                    unfinished -= 1
+                    self.states.pop(state.item.request.rid, None)
+                if obj.stream:
+                    if is_batch:
+                        chunk["index"] = state.item.index
+                    yield chunk
+            if not obj.stream:
+                results = [s.result() for s in states]
+                yield results if is_batch else results[0]
+        finally:
+            # The caller went away (disconnect, cancel, error): abort what is still running.
+            for state in states:
+                rid = state.item.request.rid
+                if rid in self.states and not state.finished:
+                    self.states.pop(rid, None)
+                    self.abort(rid)
+
+    def abort(self, rid: str) -> None:
+        if self.dead is None:
+            self.sender.send_pyobj(m.AbortRequest(rid))
+
+    async def _ask(self, request, reply_type: type):
+        if self.dead is not None:
+            raise SchedulerDeadError(self.dead)
+        future = asyncio.get_running_loop().create_future()
+        self.replies[reply_type].append(future)
+        self.sender.send_pyobj(request)
+        return await future
+
+    async def server_info(self) -> m.ServerInfo:
+        return await self._ask(m.ServerInfoRequest(), m.ServerInfo)
+
+    async def flush_cache(self) -> m.FlushCacheResult:
+        return await self._ask(m.FlushCacheRequest(), m.FlushCacheResult)
+
+    def send_shutdown(self) -> None:
+        self.sender.send_pyobj(m.ShutdownRequest())
