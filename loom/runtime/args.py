@@ -54,7 +54,8 @@ class ServerArgs:
 
     # Kernels
     attention_backend: str | None = _arg(
-        None, "attention kernels (default: flashinfer on CUDA, torch_native elsewhere)",
+        None,
+        "attention kernels (default: flashinfer on CUDA, torch_native elsewhere)",
         ("torch_native", "flashinfer"),
     )
     disable_cuda_graph: bool = _arg(False, "run decode eagerly")
@@ -102,7 +103,7 @@ class ServerArgs:
                 continue
             parser.add_argument(
                 flag,
-                type=_scalar_type(hints[f.name]),
+                type=scalar_type(hints[f.name]),
                 default=f.default,
                 choices=f.metadata.get("choices"),
                 help=f"{help_text} (default: {f.default})",
@@ -113,7 +114,7 @@ class ServerArgs:
         return cls(**{f.name: getattr(ns, f.name) for f in dataclasses.fields(cls)})
 
 
-def _scalar_type(hint) -> type:
+def scalar_type(hint) -> type:
     """int | None -> int, so argparse converts flag values."""
     if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
         return next(a for a in typing.get_args(hint) if a is not type(None))

@@ -37,9 +37,14 @@ class Engine:
         except BaseException:
             self.shutdown()
             raise
-        self.tokenizer = AutoTokenizer.from_pretrained(self.args.tokenizer_path or self.model_folder)
+        self.tokenizer = AutoTokenizer.from_pretrained(
+            self.args.tokenizer_path or self.model_folder
+        )
         limits = InputLimits(
-            self.tokenizer, self.info.context_length, self.info.vocab_size, _grammar_check(self.args)
+            self.tokenizer,
+            self.info.context_length,
+            self.info.vocab_size,
+            _grammar_check(self.args),
         )
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True, name="loom-tm")
@@ -116,8 +121,15 @@ class Engine:
         """A result dict (a list for a batch or n > 1); with stream=True an iterator of
         chunks whose `text` / `output_ids` are deltas."""
         obj = GenerateInput(
-            prompt, input_ids, sampling_params, rid, return_logprob, logprob_start_len,
-            top_logprobs_num, return_text_in_logprobs, stream,
+            prompt,
+            input_ids,
+            sampling_params,
+            rid,
+            return_logprob,
+            logprob_start_len,
+            top_logprobs_num,
+            return_text_in_logprobs,
+            stream,
         )
         self.manager.prepare(obj)  # raise input errors in the caller's thread
         if stream:
@@ -156,7 +168,9 @@ class Engine:
                     return
         finally:
             if not self._closed:
-                await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(agen.aclose(), self._loop))
+                await asyncio.wrap_future(
+                    asyncio.run_coroutine_threadsafe(agen.aclose(), self._loop)
+                )
 
     def get_server_info(self) -> m.ServerInfo:
         return self._call(self.manager.server_info())

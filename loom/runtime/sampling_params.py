@@ -130,7 +130,9 @@ def _check_types(p: SamplingParams) -> None:
                 continue
             raise InvalidRequestError(f"{f.name} must not be null")
         if base is not None:
-            ok = isinstance(value, _FIELD_TYPES[base]) and (base is bool or not isinstance(value, bool))
+            ok = isinstance(value, _FIELD_TYPES[base]) and (
+                base is bool or not isinstance(value, bool)
+            )
             if not ok:
                 raise InvalidRequestError(
                     f"{f.name} must be {base.__name__}, got {type(value).__name__} {value!r}"

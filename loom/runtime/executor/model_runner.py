@@ -162,7 +162,9 @@ class ModelRunner:
         offset = 0
         for ext_len, start in zip(batch.extend_seq_lens_cpu, batch.logits_start_cpu):
             if start >= 0:
-                prompt_logits.append(self.model.compute_logits(hidden[offset + start : offset + ext_len]))
+                prompt_logits.append(
+                    self.model.compute_logits(hidden[offset + start : offset + ext_len])
+                )
             else:
                 prompt_logits.append(None)
             offset += ext_len

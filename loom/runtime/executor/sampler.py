@@ -66,8 +66,10 @@ def filter_probs(
     renorm = sorted_probs / sorted_probs.sum(dim=-1, keepdim=True)
     # Keep the smallest head whose mass reaches top_p: a token stays if the mass before it
     # is still below top_p (so the first token always stays).
+    # top_p = 1 keeps all: the float32 running mass can round up to 1 before the tail.
     mass_before = renorm.cumsum(dim=-1) - renorm
-    sorted_probs = sorted_probs.masked_fill(mass_before >= top_ps[:, None], 0.0)
+    drop = (mass_before >= top_ps[:, None]) & (top_ps[:, None] < 1)
+    sorted_probs = sorted_probs.masked_fill(drop, 0.0)
     threshold = sorted_probs[:, :1] * min_ps[:, None]
     sorted_probs = sorted_probs.masked_fill(sorted_probs < threshold, 0.0)
     return sorted_probs, order
@@ -98,23 +100,27 @@ def sample(logits: torch.Tensor, sb: SamplingBatch) -> torch.Tensor:
         return greedy
     temps = sb.temperatures.clamp_min(1e-6)[:, None]
     probs = torch.softmax(logits / temps, dim=-1)
+    u = uniform_from_seed(sb.seeds, sb.steps)
+    # A row draws in vocab order, or in sorted order when it filters: the order depends on
+    # the row's own settings only, so its draw does not depend on the rest of the batch.
+    sampled = _draw(probs, u)
     if sb.need_top_k or sb.need_top_p or sb.need_min_p:
         sorted_probs, order = filter_probs(probs, sb.top_ks, sb.top_ps, sb.min_ps)
-    else:
-        sorted_probs, order = probs, None
-    cdf = sorted_probs.double().cumsum(dim=-1)
-    u = uniform_from_seed(sb.seeds, sb.steps)[:, None] * cdf[:, -1:]
-    index = torch.searchsorted(cdf, u, right=True).clamp_(max=cdf.shape[-1] - 1)
-    # searchsorted can land on a zeroed (filtered) entry only through rounding at its edge:
-    # step back to the last kept token then.
-    picked = index.squeeze(-1)
-    if order is not None:
-        kept = sorted_probs.gather(1, index).squeeze(-1) > 0
+        picked = _draw(sorted_probs, u)
+        # searchsorted can land on a zeroed (filtered) entry only through rounding at its
+        # edge: step back to the last kept token then.
+        kept = sorted_probs.gather(1, picked[:, None]).squeeze(-1) > 0
         picked = torch.where(kept, picked, (sorted_probs > 0).sum(-1) - 1)
-        sampled = order.gather(1, picked[:, None]).squeeze(-1)
-    else:
-        sampled = picked
+        filters = (sb.top_ks < probs.shape[-1]) | (sb.top_ps < 1) | (sb.min_ps > 0)
+        sampled = torch.where(filters, order.gather(1, picked[:, None]).squeeze(-1), sampled)
     return torch.where(sb.temperatures == 0, greedy, sampled)
+
+
+def _draw(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Per row, the index where the running mass passes u times the row's total mass."""
+    cdf = probs.double().cumsum(dim=-1)
+    index = torch.searchsorted(cdf, u[:, None] * cdf[:, -1:], right=True)
+    return index.clamp_(max=cdf.shape[-1] - 1).squeeze(-1)
 
 
 def token_logprobs(

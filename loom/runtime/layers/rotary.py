@@ -13,7 +13,9 @@ from torch import nn
 def _inv_freq(config, head_dim: int) -> tuple[torch.Tensor, float]:
     params = getattr(config, "rope_parameters", None) or {}
     legacy = getattr(config, "rope_scaling", None) or {}
-    rope_type = params.get("rope_type") or legacy.get("rope_type") or legacy.get("type") or "default"
+    rope_type = (
+        params.get("rope_type") or legacy.get("rope_type") or legacy.get("type") or "default"
+    )
     theta = params.get("rope_theta", getattr(config, "rope_theta", 10000.0))
     if rope_type == "default":
         exponents = torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim

@@ -35,7 +35,10 @@ def run_scheduler_process(
     info = sched.server_info()
     logger.info(
         "model ready on %s (%s): KV capacity %d tokens, context %d",
-        sched.device, sched.runner.dtype, info.max_total_tokens, info.context_length,
+        sched.device,
+        sched.runner.dtype,
+        info.max_total_tokens,
+        info.context_length,
     )
     ready_conn.send(m.SchedulerReady(info))
     try:

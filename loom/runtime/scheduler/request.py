@@ -52,6 +52,11 @@ class Req:
     extend_input_len: int = 0  # new tokens in the current extend step
     retractions: int = 0
 
+    # Waiting-queue bookkeeping for SchedulePolicy's starvation bounds: scheduling rounds
+    # this request has waited, and times it was deferred behind a request sharing its prefix.
+    wait_rounds: int = 0
+    deferrals: int = 0
+
     # Grammar matcher (constrained requests), set once its grammar compiled.
     grammar: Any = None
 

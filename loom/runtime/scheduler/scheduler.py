@@ -78,7 +78,9 @@ class Scheduler:
             self.waiting.append(req)
             return
         future = self.grammar.get_matcher(*constraint)
-        self.grammar_queue.append((req, future, time.monotonic() + self.args.grammar_compile_timeout))
+        self.grammar_queue.append(
+            (req, future, time.monotonic() + self.args.grammar_compile_timeout)
+        )
 
     def _admissibility_problem(self, req: Req) -> str | None:
         n = len(req.origin_input_ids)
@@ -87,7 +89,9 @@ class Scheduler:
         if n >= self.runner.context_len:
             return f"the prompt has {n} tokens; the context length is {self.runner.context_len}"
         if n + 1 > self.runner.max_total_tokens:
-            return f"the prompt ({n} tokens) does not fit the KV pool ({self.runner.max_total_tokens})"
+            return (
+                f"the prompt ({n} tokens) does not fit the KV pool ({self.runner.max_total_tokens})"
+            )
         if max(req.origin_input_ids) >= self.runner.vocab_size or min(req.origin_input_ids) < 0:
             return f"input_ids must be in [0, {self.runner.vocab_size})"
         if req.sampling.constraint is not None and self.grammar is None:
@@ -179,14 +183,22 @@ class Scheduler:
             return False
         admitted = {id(r) for r in adder.reqs}
         self.waiting = [r for r in self.waiting if id(r) not in admitted]
-        batch = batching.extend_batch(adder.reqs, adder.starts, self.runner.req_to_token_pool, self.device)
+        batch = batching.extend_batch(
+            adder.reqs, adder.starts, self.runner.req_to_token_pool, self.device
+        )
         out = self.runner.forward(batch)
         self._gather_prompt_logprobs(adder.reqs, adder.starts, out)
         done = [r for r in adder.reqs if r.kv_len == r.seqlen]
         self.chunked = next((r for r in adder.reqs if r.kv_len < r.seqlen), None)
         for req in adder.reqs:  # siblings arriving from now on share these prompts at once
             self.kv.cache_unfinished(req)
-        rows = [i for i, r in enumerate(adder.reqs) if r.kv_len == r.seqlen]
+        # max_new_tokens == 0 asks only for the prompt's logprobs: nothing is sampled.
+        for req in done:
+            if req.sampling.max_new_tokens == 0:
+                self._finish(req, FinishReason("length", None))
+                self.kv.release(req, finished=True)
+        rows = [i for i, r in enumerate(adder.reqs) if r.kv_len == r.seqlen and not r.finished]
+        done = [adder.reqs[i] for i in rows]
         self._sample_and_advance(done, out.next_logits[rows])
         self.running.extend(r for r in done if not r.finished)
         return True

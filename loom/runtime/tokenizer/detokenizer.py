@@ -62,8 +62,13 @@ class IncrementalDetokenizer:
         return full[len(prefix) :]
 
     def _final_text(self, state: DecodeState, out: m.ReqOutput) -> str:
-        # Flush a trailing incomplete character as the tokenizer renders it.
-        text = state.text + self._decode(state.ids[state.read_offset :], out)
+        # Flush a trailing incomplete character as the tokenizer renders it, decoded after
+        # the same prefix window as the stream (so a SentencePiece "▁" keeps its space).
+        text = state.text
+        if state.read_offset < len(state.ids):
+            prefix = self._decode(state.ids[state.prefix_offset : state.read_offset], out)
+            full = self._decode(state.ids[state.prefix_offset :], out)
+            text += full[len(prefix) :]
         matched = out.finished_reason.get("matched")
         if out.no_stop_trim or out.finished_reason.get("type") != "stop":
             return text

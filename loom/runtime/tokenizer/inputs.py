@@ -146,4 +146,6 @@ def _check_logprob_args(start: Any, top: Any, prompt_len: int) -> None:
             f"got {start!r}"
         )
     if not _is_int(top) or not 0 <= top <= MAX_TOP_LOGPROBS:
-        raise InvalidRequestError(f"top_logprobs_num must be in [0, {MAX_TOP_LOGPROBS}], got {top!r}")
+        raise InvalidRequestError(
+            f"top_logprobs_num must be in [0, {MAX_TOP_LOGPROBS}], got {top!r}"
+        )

