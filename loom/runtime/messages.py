@@ -89,6 +89,8 @@ class ServerInfo:
     cache_hit_tokens: int  # prompt tokens served from the cache, cumulative
     prompt_tokens_total: int
     generation_tokens_total: int
+    retractions_total: int
+    evicted_tokens_total: int
 
 
 @dataclass

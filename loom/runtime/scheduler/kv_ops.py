@@ -23,6 +23,7 @@ class KVOps:
         self.pool = runner.req_to_token_pool
         self.allocator = runner.allocator
         self.cache = cache
+        self.evicted_tokens = 0
 
     def match(self, req: Req) -> None:
         """Set req.prefix_indices / last_node to the longest usable cached prefix."""
@@ -40,7 +41,7 @@ class KVOps:
     def alloc(self, n: int) -> torch.Tensor | None:
         short = n - self.allocator.available()
         if short > 0:
-            self.cache.evict(short)
+            self.evicted_tokens += self.cache.evict(short)
         return self.allocator.alloc(n)
 
     def start(self, req: Req) -> bool:

@@ -53,7 +53,12 @@ class Scheduler:
         # decays while decoding goes well, jumps back up after a retraction.
         self.init_token_ratio = min(0.7 * args.schedule_conservativeness, 1.0)
         self.new_token_ratio = self.init_token_ratio
-        self.stats = {"cache_hit_tokens": 0, "prompt_tokens": 0, "generation_tokens": 0}
+        self.stats = {
+            "cache_hit_tokens": 0,
+            "prompt_tokens": 0,
+            "generation_tokens": 0,
+            "retractions": 0,
+        }
 
     # ---- requests in -------------------------------------------------------------------
 
@@ -134,6 +139,8 @@ class Scheduler:
             cache_hit_tokens=self.stats["cache_hit_tokens"],
             prompt_tokens_total=self.stats["prompt_tokens"],
             generation_tokens_total=self.stats["generation_tokens"],
+            retractions_total=self.stats["retractions"],
+            evicted_tokens_total=self.kv.evicted_tokens,
         )
 
     def has_work(self) -> bool:
@@ -226,6 +233,7 @@ class Scheduler:
             req.input_token_logprobs.clear()
             req.input_top_logprobs.clear()
         req.retractions += 1
+        self.stats["retractions"] += 1
         self.new_token_ratio = self.init_token_ratio
         self.waiting.insert(0, req)
         logger.info("retracted %s (%d tokens generated) to free KV", req.rid, len(req.output_ids))
