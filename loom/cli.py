@@ -1,5 +1,6 @@
 """The `loom` command. `loom generate "PROMPT"` runs one generation on a model (by default
-the embedded SmolLM2-135M-Instruct) and streams the text to stdout."""
+the embedded SmolLM2-135M-Instruct) and streams the text to stdout; `loom serve` runs the
+HTTP server (native /generate and the OpenAI-compatible API)."""
 
 from __future__ import annotations
 
@@ -83,6 +84,13 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--raw", action="store_true", help="send the prompt without the chat template")
     ServerArgs.add_cli_args(gen)
     _add_sampling_args(gen)
+    serve = sub.add_parser("serve", help="serve the native and OpenAI-compatible HTTP APIs")
+    ServerArgs.add_cli_args(serve)
+    serve.add_argument(
+        "--exit-with-parent",
+        action="store_true",
+        help="shut down when the process that started the server exits (loom.Runtime sets it)",
+    )
     return parser
 
 
@@ -91,6 +99,10 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=getattr(logging, ns.log_level.upper()), format="%(message)s")
     if ns.command == "generate":
         return _generate(ns)
+    if ns.command == "serve":
+        from loom.runtime.http.launch import run_server
+
+        return run_server(ServerArgs.from_cli(ns), exit_with_parent=ns.exit_with_parent)
     return 1
 
 

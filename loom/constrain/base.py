@@ -54,8 +54,9 @@ class GrammarBackend(ABC):
         """A CPU bitmask with one row per request of a batch."""
 
     @abstractmethod
-    def apply_bitmask(self, logits: torch.Tensor, bitmask: torch.Tensor,
-                      rows: list[int] | None = None) -> None:
+    def apply_bitmask(
+        self, logits: torch.Tensor, bitmask: torch.Tensor, rows: list[int] | None = None
+    ) -> None:
         """Set disallowed logits to -inf in place, on the logits' device; only `rows`
         (all rows when None) are masked."""
 

@@ -172,6 +172,15 @@ class Engine:
                     asyncio.run_coroutine_threadsafe(agen.aclose(), self._loop)
                 )
 
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        """The event loop the tokenizer manager runs on (the HTTP server serves on it too)."""
+        return self._loop
+
+    @property
+    def process_ids(self) -> dict[str, int]:
+        return {"scheduler": self._scheduler.pid, "detokenizer": self._procs[0].pid}
+
     def get_server_info(self) -> m.ServerInfo:
         return self._call(self.manager.server_info())
 
@@ -223,8 +232,6 @@ async def _first(agen):
 def _grammar_check(args: ServerArgs):
     if args.grammar_backend == "none":
         return None
-    try:
-        from loom.constrain.factory import validate_constraint
-    except ImportError:
-        return None
+    from loom.constrain.xgrammar_backend import validate_constraint
+
     return validate_constraint

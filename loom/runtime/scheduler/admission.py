@@ -37,7 +37,6 @@ class PrefillAdder:
         n = min(req.seqlen - req.kv_len, self.token_budget)
         start = req.kv_len
         if not self.kv.extend(req, n):
-            self.sched.chunked = None
             self.sched.retract(req)
             return
         self._admit(req, start, n)

@@ -94,6 +94,13 @@ class KVOps:
         req.req_pool_idx, req.kv_len = None, 0
         req.prefix_indices, req.last_node = _EMPTY, None
 
+    def truncate(self, req: Req, kv_len: int) -> None:
+        """Forget the request's KV past kv_len (its own slots only)."""
+        assert kv_len >= len(req.prefix_indices)
+        if kv_len < req.kv_len:
+            self.allocator.free(self.pool.read(req.req_pool_idx, kv_len, req.kv_len))
+            req.kv_len = kv_len
+
     def _insert(self, tokens: list[int], slots: torch.Tensor, own_start: int) -> None:
         already = self.cache.insert(tokens, slots)
         # Tokens the request computed itself but the cache already had (another request

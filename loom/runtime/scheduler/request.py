@@ -59,6 +59,12 @@ class Req:
 
     # Grammar matcher (constrained requests), set once its grammar compiled.
     grammar: Any = None
+    schema_violation: str | None = None  # lenient JSON schema: what the output broke
+
+    # Streaming bookkeeping: how much has been sent to the detokenizer.
+    sent_len: int = 0
+    sent_logprob_len: int = 0
+    sent_input_logprobs: bool = False
 
     # Logprobs gathered so far: lists of (logprob, token_id) and top-k lists.
     input_token_logprobs: list = field(default_factory=list)

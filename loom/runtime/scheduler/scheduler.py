@@ -7,6 +7,7 @@ alternate while both have work, so decode keeps going between prefill chunks.
 
 from __future__ import annotations
 
+import json
 import logging
 import random
 import time
@@ -14,6 +15,7 @@ import time
 import torch
 from transformers import AutoTokenizer
 
+from loom.constrain.schema_check import validate_output
 from loom.radix.base import PrefixCache
 from loom.runtime import messages as m
 from loom.runtime.args import ServerArgs
@@ -22,6 +24,7 @@ from loom.runtime.executor.sampler import apply_penalties, sample, token_logprob
 from loom.runtime.scheduler import batch as batching
 from loom.runtime.scheduler.admission import PrefillAdder
 from loom.runtime.scheduler.finish import FinishChecker
+from loom.runtime.scheduler.jump_forward import try_jump_forward
 from loom.runtime.scheduler.kv_ops import KVOps
 from loom.runtime.scheduler.policy import SchedulePolicy
 from loom.runtime.scheduler.request import FinishReason, Req
@@ -39,7 +42,9 @@ class Scheduler:
         self.kv = KVOps(self.runner, _make_cache(args, self.runner))
         self.policy = SchedulePolicy(args.schedule_policy, self.kv.cache, self.kv.match)
         self.finish = FinishChecker(self.tokenizer, self.eos_ids, self.runner.context_len)
-        self.grammar = _make_grammar_backend(args, self.tokenizer, self.runner.vocab_size)
+        self.grammar = _make_grammar_backend(
+            args, self.tokenizer, self.runner.vocab_size, self.eos_ids
+        )
         self.chunk_size = _chunk_size(args, self.device)
         self.rng = random.Random(args.random_seed)
 
@@ -47,6 +52,7 @@ class Scheduler:
         self.running: list[Req] = []
         self.grammar_queue: list[tuple[Req, object, float]] = []  # (req, future, deadline)
         self.chunked: Req | None = None  # mid-prefill: gets its next chunk before others
+        self.jumped: list[Req] = []  # hold KV, need an extend for jump-forward tokens
         self.outbox: list[m.ReqOutput] = []
         self.last_was_extend = False
         # Share of running requests' remaining max_new_tokens reserved in admission:
@@ -110,16 +116,17 @@ class Scheduler:
                     self._finish(req, FinishReason("abort", None, "aborted by the client"))
         self.waiting = [r for r in self.waiting if r.rid != rid]
         self.grammar_queue = [g for g in self.grammar_queue if g[0].rid != rid]
-        for req in list(self.running) + ([self.chunked] if self.chunked else []):
+        for req in self.running + self.jumped + ([self.chunked] if self.chunked else []):
             if req.rid == rid and not req.finished:
                 self._finish(req, FinishReason("abort", None, "aborted by the client"))
                 self.kv.release(req, finished=True)
         self.running = [r for r in self.running if not r.finished]
+        self.jumped = [r for r in self.jumped if not r.finished]
         if self.chunked is not None and self.chunked.finished:
             self.chunked = None
 
     def flush_cache(self) -> m.FlushCacheResult:
-        if self.running or self.chunked or self.waiting:
+        if self.running or self.chunked or self.waiting or self.jumped:
             return m.FlushCacheResult(False, "requests are in flight; flush when idle")
         self.kv.cache.reset()
         return m.FlushCacheResult(True)
@@ -131,7 +138,7 @@ class Scheduler:
             available_tokens=self.runner.allocator.available(),
             cache_tokens=cache.total_size(),
             evictable_tokens=cache.evictable_size(),
-            running_requests=len(self.running) + (1 if self.chunked else 0),
+            running_requests=len(self.running) + len(self.jumped) + (1 if self.chunked else 0),
             waiting_requests=len(self.waiting) + len(self.grammar_queue),
             context_length=self.runner.context_len,
             max_running_requests=self.runner.max_running_requests,
@@ -144,7 +151,9 @@ class Scheduler:
         )
 
     def has_work(self) -> bool:
-        return bool(self.waiting or self.running or self.chunked or self.grammar_queue)
+        return bool(
+            self.waiting or self.running or self.chunked or self.jumped or self.grammar_queue
+        )
 
     def take_outputs(self) -> list[m.ReqOutput]:
         out, self.outbox = self.outbox, []
@@ -180,8 +189,13 @@ class Scheduler:
 
     def _run_extend_step(self) -> bool:
         adder = PrefillAdder(self, self.chunk_size)
-        if self.chunked is not None:
-            adder.continue_chunk(self.chunked)
+        resuming = ([self.chunked] if self.chunked else []) + self.jumped
+        self.chunked, self.jumped = None, []
+        for i, req in enumerate(resuming):
+            if adder.chunk_in_progress or adder.token_budget <= 0:
+                self.jumped.extend(resuming[i:])  # their turn comes next extend step
+                break
+            adder.continue_chunk(req)
         if not adder.chunk_in_progress and self.waiting:
             for req in self.policy.order(self.waiting):
                 if not adder.try_add(req):
@@ -207,7 +221,7 @@ class Scheduler:
         rows = [i for i, r in enumerate(adder.reqs) if r.kv_len == r.seqlen and not r.finished]
         done = [adder.reqs[i] for i in rows]
         self._sample_and_advance(done, out.next_logits[rows])
-        self.running.extend(r for r in done if not r.finished)
+        self.running.extend(r for r in done if not r.finished and r not in self.jumped)
         return True
 
     def _run_decode_step(self) -> None:
@@ -218,7 +232,7 @@ class Scheduler:
         batch = batching.decode_batch(self.running, slots, self.device)
         out = self.runner.forward(batch)
         self._sample_and_advance(self.running, out.next_logits)
-        self.running = [r for r in self.running if not r.finished]
+        self.running = [r for r in self.running if not r.finished and r not in self.jumped]
 
     def retract(self, req: Req) -> None:
         """Preempt: free the request's KV and requeue it at the front; it restarts later
@@ -262,7 +276,11 @@ class Scheduler:
                     self._finish(req, reason)
             if req.finished:
                 self.kv.release(req, finished=True)
-            elif req.stream:
+                continue
+            if self.args.enable_jump_forward and req.grammar is not None:
+                if try_jump_forward(req, self.tokenizer, self.kv):
+                    self.jumped.append(req)
+            if req.stream:
                 self._emit(req)
 
     def _apply_grammar_masks(self, reqs: list[Req], logits: torch.Tensor) -> None:
@@ -307,15 +325,24 @@ class Scheduler:
                     req.input_top_logprobs.append(list(zip(vals, ids)))
 
     def _finish(self, req: Req, reason: FinishReason) -> None:
+        if req.grammar is not None and reason.type == "length" and not req.grammar.is_terminated():
+            reason = FinishReason(
+                "length",
+                None,
+                "max_new_tokens ran out before the grammar completed: "
+                "the constrained output is cut off (raise max_new_tokens)",
+            )
         req.finished_reason = reason
+        p = req.sampling
+        if p.json_schema is not None and p.json_schema_lenient and reason.type != "abort":
+            text = self.tokenizer.decode(req.output_ids, skip_special_tokens=True)
+            req.schema_violation = validate_output(json.loads(p.json_schema), text)
         self._emit(req)
 
     def _emit(self, req: Req) -> None:
-        sent = getattr(req, "sent_len", 0)
-        first = sent == 0 and not getattr(req, "sent_input_logprobs", False)
         out = m.ReqOutput(
             rid=req.rid,
-            new_token_ids=req.output_ids[sent:],
+            new_token_ids=req.output_ids[req.sent_len :],
             finished_reason=req.finished_reason.to_json() if req.finished_reason else None,
             prompt_tokens=len(req.origin_input_ids),
             completion_tokens=len(req.output_ids),
@@ -324,13 +351,13 @@ class Scheduler:
             skip_special_tokens=req.sampling.skip_special_tokens,
             spaces_between_special_tokens=req.sampling.spaces_between_special_tokens,
             no_stop_trim=req.sampling.no_stop_trim,
+            schema_violation=req.schema_violation,
         )
         if req.return_logprob:
-            lp_sent = getattr(req, "sent_logprob_len", 0)
-            out.output_token_logprobs = req.output_token_logprobs[lp_sent:]
-            out.output_top_logprobs = req.output_top_logprobs[lp_sent:]
+            out.output_token_logprobs = req.output_token_logprobs[req.sent_logprob_len :]
+            out.output_top_logprobs = req.output_top_logprobs[req.sent_logprob_len :]
             req.sent_logprob_len = len(req.output_token_logprobs)
-            if first:
+            if not req.sent_input_logprobs:
                 out.input_token_logprobs = req.input_token_logprobs
                 out.input_top_logprobs = req.input_top_logprobs
                 req.sent_input_logprobs = True
@@ -365,13 +392,15 @@ def _make_cache(args: ServerArgs, runner: ModelRunner) -> PrefixCache:
     return RadixCache(runner.allocator)
 
 
-def _make_grammar_backend(args: ServerArgs, tokenizer, vocab_size: int):
-    if args.grammar_backend == "none":
-        return None
+def _make_grammar_backend(args: ServerArgs, tokenizer, vocab_size: int, eos_ids: set[int]):
     from loom.constrain.factory import create_grammar_backend
 
     return create_grammar_backend(
-        args.grammar_backend, tokenizer, vocab_size, compile_timeout=args.grammar_compile_timeout
+        args.grammar_backend,
+        tokenizer,
+        vocab_size,
+        compile_timeout=args.grammar_compile_timeout,
+        stop_token_ids=sorted(eos_ids),
     )
 
 

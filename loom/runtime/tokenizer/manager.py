@@ -81,10 +81,13 @@ class TokenizerManager:
                 raise InvalidRequestError(f"request id {item.request.rid!r} is already in flight")
         return items, is_batch
 
-    async def generate(self, obj: GenerateInput) -> AsyncIterator:
+    async def generate(
+        self, obj: GenerateInput, prepared: tuple[list[Item], bool] | None = None
+    ) -> AsyncIterator:
         """Stream: yields chunks (with "index" for batches). Otherwise yields once: the
-        result dict, or the list of them for a batch / n > 1."""
-        items, is_batch = self.prepare(obj)
+        result dict, or the list of them for a batch / n > 1. `prepared`: what prepare(obj)
+        returned, when the caller validated first (so the prompt is tokenized once)."""
+        items, is_batch = prepared if prepared is not None else self.prepare(obj)
         queue: asyncio.Queue = asyncio.Queue()
         states = [RequestState(item, self.tokenizer) for item in items]
         for state in states:

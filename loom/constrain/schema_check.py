@@ -1,0 +1,422 @@
+"""JSON Schema honesty: find what xgrammar cannot enforce, before a request runs.
+
+xgrammar 0.2.8 turns a JSON schema into a grammar, and silently drops what it cannot
+express: the grammar then accepts JSON the schema forbids. loom must never hand such
+output back as if it were fine, so every construct below is either rejected up front
+(a 400 naming the keyword and where it is) or, with `json_schema_lenient`, accepted and
+the output validated afterwards with `jsonschema` (`validate_output`).
+
+This assumes loom's compile settings (xgrammar strict_mode=True, see xgrammar_backend).
+What xgrammar 0.2.8 does not enforce, found by running the JSON-Schema-Test-Suite and
+random grammar walks against it (tests/test_json_schema_suite.py keeps the list honest):
+- keywords it ignores everywhere: not, if/then/else, dependentRequired,
+  dependentSchemas, dependencies, contains/minContains/maxContains, multipleOf,
+  patternProperties, propertyNames, unevaluatedProperties/Items, additionalItems,
+  $dynamicRef/$recursiveRef, uniqueItems (when true);
+- allOf with more than one subschema, or beside other assertions;
+- keywords beside anyOf / oneOf / $ref (xgrammar uses the applicator alone);
+- enum / const beside assertions that some listed value breaks (only the values count);
+- oneOf whose branches are not provably disjoint (it degrades to anyOf);
+- $ref that is not a local JSON pointer ("#" or "#/..."), or under a nested $id;
+- type-specific assertions in a schema with no "type" ({"minimum": 3} allows 1);
+- `required` names not declared in `properties` (they end up not required);
+- additionalProperties (other than false) beside properties: a declared key spelled
+  with escapes ("\\u0061" for "a") passes as an extra key and skips its own schema;
+- minLength / maxLength combined with pattern or format (the length is dropped);
+- minProperties above the required count while extra keys are allowed (a repeated
+  key counts twice in the grammar but once after parsing).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from typing import Any, NamedTuple
+from urllib.parse import quote
+
+import jsonschema
+import referencing
+import referencing.exceptions
+from jsonschema.validators import validator_for
+from referencing.jsonschema import DRAFT202012
+
+from loom.constrain.base import GrammarError
+
+Schema = dict[str, Any]
+
+_IGNORED_EVERYWHERE = (
+    "not", "if", "dependentRequired", "dependentSchemas", "dependencies", "contains",
+    "minContains", "maxContains", "multipleOf", "patternProperties", "propertyNames",
+    "unevaluatedProperties", "unevaluatedItems", "additionalItems", "$dynamicRef",
+    "$recursiveRef",
+)  # fmt: skip
+
+# Assertions that only apply to one instance type; xgrammar drops them when the schema
+# names no "type". (properties / items / additionalProperties make xgrammar infer the
+# type, which only narrows the output.)
+_NEEDS_TYPE = (
+    "minLength", "maxLength", "pattern", "minimum", "maximum", "exclusiveMinimum",
+    "exclusiveMaximum", "minItems", "maxItems", "minProperties", "maxProperties",
+)  # fmt: skip
+
+# Keywords that constrain an instance; anything else (title, description, default,
+# format, $defs, vendor extensions) is an annotation a validator also ignores.
+_ASSERTIONS = frozenset(
+    _IGNORED_EVERYWHERE + _NEEDS_TYPE + (
+        "type", "enum", "const", "uniqueItems", "required", "properties",
+        "additionalProperties", "items", "prefixItems", "allOf", "anyOf", "oneOf",
+        "then", "else", "$ref",
+    )
+)  # fmt: skip
+
+_SCHEMA_VALUED = ("items", "additionalProperties", "contains", "propertyNames", "not",
+                  "if", "then", "else", "unevaluatedItems", "unevaluatedProperties",
+                  "additionalItems")  # fmt: skip
+_SCHEMA_LISTS = ("allOf", "anyOf", "oneOf", "prefixItems")
+_SCHEMA_MAPS = ("properties", "patternProperties", "dependentSchemas")
+_ROOT_URI = "urn:loom:schema"  # where the schema under check is registered for $refs
+
+
+class Problem(NamedTuple):
+    keyword: str
+    path: str  # JSON pointer of the schema object holding the keyword; "" is the root
+    why: str  # what makes it unenforceable, e.g. "beside other keywords"
+
+
+def find_unsupported(schema: Any) -> list[tuple[str, str]]:
+    """(keyword, JSON pointer) of every construct xgrammar cannot enforce, in the parts of
+    `schema` reachable from its root (unused $defs do not count)."""
+    return [(p.keyword, p.path) for p in find_problems(schema)]
+
+
+def find_problems(schema: Any) -> list[Problem]:
+    """find_unsupported, with the reason for each keyword."""
+    if not isinstance(schema, dict):
+        return []
+    found: list[Problem] = []
+    for path, sub, under_id in _walk(schema, "", schema, set(), nested_id=False):
+        found += [Problem(kw, path, why) for kw, why in _problems(sub, path, schema, under_id)]
+    return found
+
+
+def check_schema(schema_text: str, lenient: bool) -> Schema | bool:
+    """Parse and check a JSON schema; raises GrammarError naming the problem. Unsupported
+    keywords are an error unless `lenient` (the output is then validated afterwards)."""
+    try:
+        schema = json.loads(schema_text)
+    except json.JSONDecodeError as e:
+        raise GrammarError(f"json_schema is not valid JSON: {e}") from e
+    if not isinstance(schema, (dict, bool)):
+        raise GrammarError(f"json_schema must be a JSON object, got {type(schema).__name__}")
+    cls = validator_for(schema, default=jsonschema.Draft202012Validator)
+    try:
+        cls.check_schema(schema)
+    except jsonschema.SchemaError as e:
+        where = _pointer(e.path)
+        raise GrammarError(f"json_schema is not a valid JSON Schema at {where}: {e.message}") from e
+    problems = [] if lenient else find_problems(schema)
+    if problems:
+        kw, path, why = problems[0]
+        why = f" ({why})" if why else ""
+        raise GrammarError(
+            f"json_schema uses '{kw}'{why} at {path or 'the schema root'}, which loom cannot "
+            "enforce; remove it or set json_schema_lenient=true to validate afterwards"
+        )
+    return schema
+
+
+def validate_output(schema: Schema | bool, text: str) -> str | None:
+    """None when `text` is JSON valid for `schema`, else a message naming the violation."""
+    try:
+        instance = json.loads(text)
+    except json.JSONDecodeError as e:
+        return f"output is not valid JSON: {e}"
+    validator = validator_for(schema, default=jsonschema.Draft202012Validator)(schema)
+    try:
+        error = jsonschema.exceptions.best_match(validator.iter_errors(instance))
+    except referencing.exceptions.Unresolvable as e:  # remote refs are never fetched
+        return f"output cannot be validated: unresolvable reference {e}"
+    if error is None:
+        return None
+    return f"output violates the schema at {_pointer(error.absolute_path)}: {error.message}"
+
+
+# Letter escapes xgrammar's regex converter knows; it reads any other (\A, \Z, \z, ...)
+# as the plain letter, so "^a\Z" would silently mean "aZ".
+_KNOWN_ESCAPES = frozenset("dDwWsStnrfv0aexuckpPbB")
+
+
+def find_literal_escape(regex: str) -> str | None:
+    """The first letter escape in `regex` that xgrammar would read as a plain letter."""
+    i = 0
+    while i < len(regex) - 1:
+        if regex[i] == "\\":
+            nxt = regex[i + 1]
+            if nxt.isascii() and nxt.isalpha() and nxt not in _KNOWN_ESCAPES:
+                return "\\" + nxt
+            i += 2
+        else:
+            i += 1
+    return None
+
+
+def _walk(
+    sub: Any, path: str, root: Schema, seen: set[str], nested_id: bool
+) -> Iterator[tuple[str, Schema, bool]]:
+    """Every schema object reachable from `sub` (following local $refs), once each."""
+    if not isinstance(sub, dict) or path in seen:
+        return
+    seen.add(path)
+    nested_id = nested_id or (path != "" and "$id" in sub)
+    yield path, sub, nested_id
+    for child_path, child in _children(sub, path):
+        yield from _walk(child, child_path, root, seen, nested_id)
+    ref = sub.get("$ref")
+    if isinstance(ref, str) and _is_local_pointer(ref):
+        target = _resolve(root, ref)
+        if target is not None:
+            yield from _walk(target, ref[1:], root, seen, nested_id)
+
+
+def _children(sub: Schema, path: str) -> Iterator[tuple[str, Any]]:
+    """(pointer, subschema) of the schemas directly inside `sub` (not $ref targets)."""
+    for key in _SCHEMA_VALUED:
+        if key in sub:
+            yield f"{path}/{key}", sub[key]
+    for key in _SCHEMA_LISTS:
+        if isinstance(sub.get(key), list):
+            yield from ((f"{path}/{key}/{i}", c) for i, c in enumerate(sub[key]))
+    for key in _SCHEMA_MAPS:
+        if isinstance(sub.get(key), dict):
+            yield from ((f"{path}/{key}/{_escape(n)}", c) for n, c in sub[key].items())
+
+
+def _problems(sub: Schema, path: str, root: Schema, under_id: bool) -> list[tuple[str, str]]:
+    """(keyword, why) for each keyword of one schema object that xgrammar would not enforce."""
+    bad = [(kw, "") for kw in _IGNORED_EVERYWHERE if kw in sub]
+    if sub.get("uniqueItems") is True:
+        bad.append(("uniqueItems", ""))
+    if "type" not in sub:
+        bad += [(kw, 'without "type"') for kw in _NEEDS_TYPE if kw in sub]
+    pattern = sub.get("pattern")
+    escape = find_literal_escape(pattern) if isinstance(pattern, str) else None
+    if escape:
+        bad.append(("pattern", f"escape {escape} would match a plain letter"))
+    if "pattern" in sub or "format" in sub:
+        bad += [(kw, "with pattern or format") for kw in ("minLength", "maxLength") if kw in sub]
+    bad += _applicator_problems(sub, root)
+    bad += _ref_problems(sub, under_id)
+    bad += _object_problems(sub)
+    bad += _literal_problems(sub, path, root)
+    seen: set[str] = set()
+    return [(kw, why) for kw, why in bad if not (kw in seen or seen.add(kw))]
+
+
+def _siblings(sub: Schema, keyword: str) -> set[str]:
+    return (set(sub) & _ASSERTIONS) - {keyword}
+
+
+def _applicator_problems(sub: Schema, root: Schema) -> list[tuple[str, str]]:
+    bad = []
+    all_of = sub.get("allOf")
+    if isinstance(all_of, list) and len(all_of) > 1:
+        bad.append(("allOf", "with more than one subschema"))
+    elif isinstance(all_of, list) and _siblings(sub, "allOf"):
+        bad.append(("allOf", "beside other keywords"))
+    for kw in ("anyOf", "oneOf"):
+        if isinstance(sub.get(kw), list) and not _siblings_implied(sub, kw, root):
+            bad.append((kw, "beside other keywords"))
+    one_of = sub.get("oneOf")
+    if isinstance(one_of, list) and not _pairwise_disjoint(one_of, root):
+        bad.append(("oneOf", "with branches that may overlap"))
+    return bad
+
+
+def _siblings_implied(sub: Schema, kw: str, root: Schema) -> bool:
+    """xgrammar uses anyOf / oneOf alone; that is exact when the only sibling is a `type`
+    every branch already implies."""
+    others = _siblings(sub, kw)
+    if not others:
+        return True
+    if others != {"type"}:
+        return False
+    allowed = _types_of(sub, root)
+    branch_types = [_types_of(branch, root) for branch in sub[kw]]
+    return allowed is not None and all(
+        t is not None and all(_type_within(x, allowed) for x in t) for t in branch_types
+    )
+
+
+def _ref_problems(sub: Schema, under_id: bool) -> list[tuple[str, str]]:
+    ref = sub.get("$ref")
+    if ref is None:
+        return []
+    if not isinstance(ref, str) or not _is_local_pointer(ref):
+        return [("$ref", "not a local '#/...' pointer")]
+    if under_id:
+        return [("$ref", "under a nested $id")]
+    if _siblings(sub, "$ref"):
+        return [("$ref", "beside other keywords")]
+    return []
+
+
+def _object_problems(sub: Schema) -> list[tuple[str, str]]:
+    bad = []
+    props = sub.get("properties") if isinstance(sub.get("properties"), dict) else {}
+    required = sub.get("required") if isinstance(sub.get("required"), list) else []
+    extra_open = sub.get("additionalProperties", False) is not False  # strict: closed
+    if any(name not in props for name in required):
+        bad.append(("required", "naming a key not in 'properties'"))
+    if props and extra_open:
+        # A declared key spelled with escapes ("\u0061") passes as an extra key and
+        # escapes its own schema; with extra keys closed (strict mode) it cannot.
+        bad.append(("additionalProperties", "beside 'properties'"))
+    min_props = sub.get("minProperties")
+    if extra_open and isinstance(min_props, (int, float)) and min_props > len(set(required)):
+        # A repeated extra key counts twice in the grammar, once after parsing.
+        bad.append(("minProperties", "above the required count while extra keys are allowed"))
+    return bad
+
+
+def _literal_problems(sub: Schema, path: str, root: Schema) -> list[tuple[str, str]]:
+    """enum / const replace their sibling assertions in xgrammar; that is exact only when
+    every listed value satisfies the whole schema anyway (jsonschema decides)."""
+    for kw in ("const", "enum"):
+        if kw not in sub or not _siblings(sub, kw):
+            continue
+        values = [sub["const"]] if kw == "const" else sub.get("enum") or []
+        validator = _validator_at(root, path)
+        try:
+            if all(validator.is_valid(value) for value in values):
+                continue
+        except referencing.exceptions.Unresolvable:  # no proof, so not exact
+            pass
+        return [(kw, "beside keywords some of its values break")]
+    return []
+
+
+def _validator_at(root: Schema, path: str) -> jsonschema.protocols.Validator:
+    """A validator for the subschema at `path`, its $refs resolved within `root`."""
+    cls = validator_for(root, default=jsonschema.Draft202012Validator)
+    resource = referencing.Resource.from_contents(root, default_specification=DRAFT202012)
+    registry = referencing.Registry().with_resource(_ROOT_URI, resource)
+    return cls({"$ref": _ROOT_URI + "#" + quote(path, safe="/~$")}, registry=registry)
+
+
+def _pairwise_disjoint(branches: list[Any], root: Schema) -> bool:
+    return all(_disjoint(a, b, root) for i, a in enumerate(branches) for b in branches[i + 1 :])
+
+
+def _disjoint(a: Any, b: Any, root: Schema) -> bool:
+    """True only when no JSON value can match both branches (a sufficient test): their
+    types differ, or both are objects whose shared required key has disjoint literals
+    (a discriminated union)."""
+    a, b = _deref(a, root), _deref(b, root)
+    if not isinstance(a, dict) or not isinstance(b, dict):
+        return False
+    ta, tb = _types_of(a, root), _types_of(b, root)
+    if ta is not None and tb is not None and not _types_overlap(ta, tb):
+        return True
+    if ta != {"object"} or tb != {"object"}:
+        return False
+    common = set(a.get("required") or []) & set(b.get("required") or [])
+    props_a, props_b = a.get("properties") or {}, b.get("properties") or {}
+    for name in common:
+        va = _literal_values(_deref(props_a.get(name), root))
+        vb = _literal_values(_deref(props_b.get(name), root))
+        if (
+            va is not None
+            and vb is not None
+            and not set(map(_canonical, va)) & set(map(_canonical, vb))
+        ):
+            return True
+    return False
+
+
+def _types_of(sub: Any, root: Schema) -> set[str] | None:
+    """The instance types a schema can produce, or None when unconstrained / unknown."""
+    sub = _deref(sub, root)
+    if not isinstance(sub, dict):
+        return None
+    declared = sub.get("type")
+    if isinstance(declared, str):
+        return {declared}
+    if isinstance(declared, list):
+        return set(declared)
+    values = _literal_values(sub)
+    return None if values is None else {_json_type(v) for v in values}
+
+
+def _literal_values(sub: Any) -> list[Any] | None:
+    if not isinstance(sub, dict):
+        return None
+    if "const" in sub:
+        return [sub["const"]]
+    return sub["enum"] if isinstance(sub.get("enum"), list) else None
+
+
+def _json_type(value: Any) -> str:
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, (int, float)):
+        return "integer" if float(value).is_integer() else "number"
+    return {type(None): "null", str: "string", list: "array", dict: "object"}[type(value)]
+
+
+def _canonical(value: Any) -> str:
+    """Equal JSON values give equal strings: 1 and 1.0 do, true and 1 do not."""
+
+    def normalize(v: Any) -> Any:
+        if isinstance(v, float) and v.is_integer():
+            return int(v)
+        if isinstance(v, list):
+            return [normalize(x) for x in v]
+        return {k: normalize(x) for k, x in v.items()} if isinstance(v, dict) else v
+
+    return json.dumps(normalize(value), sort_keys=True)
+
+
+def _types_overlap(a: set[str], b: set[str]) -> bool:
+    return any(_type_within(x, b) or _type_within(y, a) for x in a for y in b)
+
+
+def _type_within(t: str, allowed: set[str]) -> bool:
+    return t in allowed or (t == "integer" and "number" in allowed)
+
+
+def _deref(sub: Any, root: Schema) -> Any:
+    """Follow a chain of plain local $refs (a bounded number, refs may loop)."""
+    for _ in range(32):
+        if not isinstance(sub, dict) or set(sub) & _ASSERTIONS != {"$ref"}:
+            return sub
+        ref = sub["$ref"]
+        if not isinstance(ref, str) or not _is_local_pointer(ref):
+            return sub
+        sub = _resolve(root, ref)
+    return sub
+
+
+def _is_local_pointer(ref: str) -> bool:
+    return ref == "#" or ref.startswith("#/")
+
+
+def _resolve(root: Schema, ref: str) -> Any:
+    node: Any = root
+    for token in ref[2:].split("/") if ref != "#" else []:
+        token = token.replace("~1", "/").replace("~0", "~")
+        if isinstance(node, dict) and token in node:
+            node = node[token]
+        elif isinstance(node, list) and token.isdigit() and int(token) < len(node):
+            node = node[int(token)]
+        else:
+            return None
+    return node
+
+
+def _escape(name: str) -> str:
+    return name.replace("~", "~0").replace("/", "~1")
+
+
+def _pointer(parts: Any) -> str:
+    path = "".join(f"/{_escape(str(p))}" for p in parts)
+    return path or "the root"

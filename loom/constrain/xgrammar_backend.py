@@ -1,0 +1,298 @@
+"""The xgrammar grammar backend: compile constraints off-thread, mask logits on device.
+
+JSON-schema compile choices (xgrammar 0.2.8):
+- strict_mode=True. Where a schema says nothing about extra keys or extra array items,
+  the grammar allows none. JSON Schema would allow them, so this forbids some valid
+  outputs, but every output still validates, and models do not wander into invented
+  keys. It is also required for honesty: with extra keys open, a declared key written
+  with escapes ("\\u0061" for "a") passes as an extra key and skips its own schema, and
+  a repeat overrides the declared value after parsing. So schema_check rejects an open
+  `additionalProperties` beside `properties`, and strict mode closes the default case.
+  Strict mode also narrows two corners: an array with maxItems but no `items` may only
+  be empty, and minProperties without `properties` does not compile.
+- any_order=False: properties come in the schema's declared order. Any order would drop
+  the checks that required keys are present and keys do not repeat.
+- Whitespace is free (any_whitespace) but capped at `max_whitespace` characters per gap,
+  so a model cannot loop on blank lines; the default fits indented output nested ~9
+  levels deep at indent 2.
+- xgrammar's grammar for strings with minLength / maxLength lets raw control characters
+  through (invalid JSON); `_close_control_chars` patches the generated grammar.
+- Other formatting the grammar fixes: integers are written without a fraction (1, not
+  1.0), const / enum objects and arrays only in xgrammar's compact spelling.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+from collections import OrderedDict
+from concurrent.futures import Future, InvalidStateError, ThreadPoolExecutor
+from typing import Any
+
+import torch
+import xgrammar as xgr
+
+from loom.constrain.base import GrammarBackend, GrammarError, GrammarMatcher
+from loom.constrain.schema_check import check_schema, find_literal_escape
+
+KINDS = ("json_schema", "regex", "ebnf", "json_object")
+DEFAULT_MAX_WHITESPACE = 20
+_JSON_OBJECT_SCHEMA = '{"type": "object"}'
+
+
+class XGrammarMatcher(GrammarMatcher):
+    """One request's position in its grammar (a thin wrapper: the hot path stays in C++)."""
+
+    __slots__ = ("_matcher",)
+
+    def __init__(self, compiled: xgr.CompiledGrammar, stop_token_ids: list[int] | None):
+        self._matcher = xgr.GrammarMatcher(compiled, override_stop_tokens=stop_token_ids)
+
+    def accept_token(self, token_id: int) -> bool:
+        return self._matcher.accept_token(token_id)
+
+    def fill_bitmask(self, bitmask: torch.Tensor, row: int) -> None:
+        self._matcher.fill_next_token_bitmask(bitmask, row)
+
+    def is_terminated(self) -> bool:
+        return self._matcher.is_terminated()
+
+    def rollback(self, num_tokens: int) -> None:
+        if num_tokens > 0:
+            self._matcher.rollback(num_tokens)
+
+    def find_jump_forward_string(self) -> str:
+        return self._matcher.find_jump_forward_string()
+
+    def accept_string(self, text: str) -> bool:
+        """Advance by raw text (tests and jump-forward bookkeeping)."""
+        return self._matcher.accept_string(text)
+
+
+class XGrammarBackend(GrammarBackend):
+    """Compiles constraints in a thread pool, caches them (LRU by (kind, text)), and masks.
+
+    Invariants: one compile per key at a time (concurrent requests share its future);
+    a caller's future fails with GrammarError after `compile_timeout` seconds even while
+    the worker thread is still compiling, and that key then fails fast until evicted.
+    """
+
+    def __init__(
+        self,
+        tokenizer: Any,
+        vocab_size: int,
+        *,
+        num_threads: int = 4,
+        compile_timeout: float = 30.0,
+        max_whitespace: int = DEFAULT_MAX_WHITESPACE,
+        cache_size: int = 256,
+        stop_token_ids: list[int] | None = None,
+    ):
+        # vocab_size is the model's logits width: ids past len(tokenizer) are padding
+        # and xgrammar never allows them.
+        self.vocab_size = vocab_size
+        self._info = xgr.TokenizerInfo.from_huggingface(
+            tokenizer, vocab_size=vocab_size, stop_token_ids=stop_token_ids
+        )
+        self._stop_token_ids = stop_token_ids
+        # Our own bounded LRU replaces xgrammar's cache, which is unbounded by default.
+        self._compiler = xgr.GrammarCompiler(
+            self._info, max_threads=num_threads, cache_enabled=False
+        )
+        self._pool = ThreadPoolExecutor(num_threads, thread_name_prefix="loom-grammar")
+        self._timeout = compile_timeout
+        self._max_whitespace = max_whitespace
+        self._cache_size = cache_size
+        self._cache: OrderedDict[tuple[str, str], Future[xgr.CompiledGrammar]] = OrderedDict()
+        self._lock = threading.Lock()
+        self._timers: set[threading.Timer] = set()
+
+    # -- validation -------------------------------------------------------------------
+
+    def validate(self, kind: str, text: str, lenient: bool = False) -> None:
+        validate_constraint(kind, text, lenient, max_whitespace=self._max_whitespace)
+
+    # -- compilation ------------------------------------------------------------------
+
+    def get_matcher(self, kind: str, text: str) -> Future[GrammarMatcher]:
+        compiled = self.get_compiled(kind, text)
+        result: Future[GrammarMatcher] = Future()
+        compiled.add_done_callback(lambda done: self._make_matcher(done, result))
+        return result
+
+    def get_compiled(self, kind: str, text: str) -> Future[xgr.CompiledGrammar]:
+        """The shared compile future of (kind, text); a cache hit returns the same one."""
+        key = (kind, text)
+        with self._lock:
+            future = self._cache.get(key)
+            if future is not None:
+                self._cache.move_to_end(key)
+                return future
+            future = Future()
+            self._cache[key] = future
+            while len(self._cache) > self._cache_size:
+                self._cache.popitem(last=False)
+        self._start_timer(future)
+        self._pool.submit(self._compile_into, future, kind, text)
+        return future
+
+    def _compile_into(self, future: Future, kind: str, text: str) -> None:
+        try:
+            compiled = self._compile(kind, text)
+        except GrammarError as e:
+            _settle(future, error=e)
+        except Exception as e:  # xgrammar raises RuntimeError / ValueError subclasses
+            _settle(future, error=GrammarError(_describe(kind, text, e)))
+        else:
+            _settle(future, result=compiled)
+
+    def _compile(self, kind: str, text: str) -> xgr.CompiledGrammar:
+        if kind == "json_schema" or kind == "json_object":
+            schema = text if kind == "json_schema" else _JSON_OBJECT_SCHEMA
+            return self._compiler.compile_grammar(json_schema_grammar(schema, self._max_whitespace))
+        if kind == "regex":
+            _check_escapes(text)
+            return self._compiler.compile_regex(text)
+        if kind == "ebnf":
+            return self._compiler.compile_grammar(text)
+        raise GrammarError(f"unknown constraint kind {kind!r}; expected one of {KINDS}")
+
+    def _start_timer(self, future: Future) -> None:
+        message = f"grammar compile took longer than {self._timeout:g}s"
+        timer = threading.Timer(self._timeout, _settle, (future,), {"error": GrammarError(message)})
+        timer.daemon = True
+        with self._lock:
+            self._timers.add(timer)
+
+        def forget(_: Future) -> None:
+            timer.cancel()
+            with self._lock:
+                self._timers.discard(timer)
+
+        future.add_done_callback(forget)
+        timer.start()
+
+    def _make_matcher(self, compiled: Future, result: Future) -> None:
+        error = compiled.exception()
+        if error is not None:
+            _settle(result, error=error)
+            return
+        try:
+            matcher = XGrammarMatcher(compiled.result(), self._stop_token_ids)
+        except Exception as e:  # a matcher that cannot be built fails this request alone
+            _settle(result, error=GrammarError(f"cannot start a matcher: {xgrammar_reason(e)}"))
+        else:
+            _settle(result, result=matcher)
+
+    # -- masks ------------------------------------------------------------------------
+
+    def allocate_bitmask(self, batch_size: int) -> torch.Tensor:
+        # Pageable on purpose: the buffer is refilled every step, and a pinned buffer
+        # copied asynchronously could be overwritten while the copy is in flight.
+        return xgr.allocate_token_bitmask(batch_size, self.vocab_size)
+
+    def apply_bitmask(
+        self, logits: torch.Tensor, bitmask: torch.Tensor, rows: list[int] | None = None
+    ) -> None:
+        if rows is not None and not rows:
+            return
+        if bitmask.device != logits.device:
+            bitmask = bitmask.to(logits.device, non_blocking=True)
+        width = min(logits.shape[-1], self.vocab_size, bitmask.shape[-1] * 32)
+        xgr.apply_token_bitmask_inplace(logits, bitmask, vocab_size=width, indices=rows)
+        if logits.shape[-1] > width:  # ids the grammar knows nothing of are never allowed
+            if rows is None:
+                logits[:, width:] = float("-inf")
+            else:
+                logits[torch.tensor(rows, device=logits.device), width:] = float("-inf")
+
+    def shutdown(self) -> None:
+        with self._lock:
+            timers, self._timers = list(self._timers), set()
+        for timer in timers:
+            timer.cancel()
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+def validate_constraint(
+    kind: str, text: str, lenient: bool = False, *, max_whitespace: int = DEFAULT_MAX_WHITESPACE
+) -> None:
+    """The up-front check of one constraint, without a tokenizer: raises GrammarError
+    naming the problem. Cheap: it builds xgrammar's grammar but no token masks."""
+    if kind == "json_object":
+        return
+    if not isinstance(text, str):
+        raise GrammarError(f"{kind} must be a string")
+    try:
+        if kind == "json_schema":
+            check_schema(text, lenient)
+            json_schema_grammar(text, max_whitespace)
+        elif kind == "regex":
+            _check_escapes(text)
+            xgr.Grammar.from_regex(text)
+        elif kind == "ebnf":
+            xgr.Grammar.from_ebnf(text)
+        else:
+            raise GrammarError(f"unknown constraint kind {kind!r}; expected one of {KINDS}")
+    except GrammarError:
+        raise
+    except Exception as e:  # xgrammar's parse errors are RuntimeError subclasses
+        raise GrammarError(_describe(kind, text, e)) from e
+
+
+def _check_escapes(regex: str) -> None:
+    escape = find_literal_escape(regex)
+    if escape:
+        raise GrammarError(f"invalid regex {regex!r}: escape {escape} is not supported")
+
+
+def _describe(kind: str, text: str, error: BaseException) -> str:
+    what = {"regex": f"invalid regex {text!r}", "ebnf": "invalid ebnf"}.get(kind)
+    return f"{what or kind + ' does not compile'}: {xgrammar_reason(error)}"
+
+
+def json_schema_grammar(schema_text: str, max_whitespace: int) -> xgr.Grammar:
+    grammar = xgr.Grammar.from_json_schema(
+        schema_text,
+        any_whitespace=True,
+        strict_mode=True,
+        max_whitespace_cnt=max_whitespace,
+        any_order=False,
+    )
+    return _close_control_chars(grammar)
+
+
+# xgrammar 0.2.8 writes the characters of a length-limited string as [^\"\\\r\n], which
+# admits raw control characters (invalid inside a JSON string); ordinary strings exclude
+# \0-\x1f. Excluding them here only removes outputs that were not JSON anyway.
+_LOOSE_STRING_CHAR = '[^\\"\\\\\\r\\n]'
+_JSON_STRING_CHAR = '[^\\0-\\x1f\\"\\\\\\r\\n]'
+
+
+def _close_control_chars(grammar: xgr.Grammar) -> xgr.Grammar:
+    ebnf = str(grammar)
+    if _LOOSE_STRING_CHAR not in ebnf:
+        return grammar
+    return xgr.Grammar.from_ebnf(ebnf.replace(_LOOSE_STRING_CHAR, _JSON_STRING_CHAR))
+
+
+_LOG_PREFIX = re.compile(r"^\[[^\]]*\]\s*\S+:\d+:\s*")
+
+
+def xgrammar_reason(error: BaseException) -> str:
+    """xgrammar's message without its '[time] file.cc:line:' prefix."""
+    lines = [line for line in str(error).strip().splitlines() if line.strip()]
+    reason = lines[-1] if lines else type(error).__name__
+    return _LOG_PREFIX.sub("", reason).strip()
+
+
+def _settle(future: Future, *, result: Any = None, error: BaseException | None = None) -> None:
+    """Complete `future` unless it already is (the compile and its timer race; a caller
+    may have cancelled it)."""
+    try:
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(result)
+    except InvalidStateError:  # the other side got there first
+        pass

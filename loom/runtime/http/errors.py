@@ -1,0 +1,105 @@
+"""HTTP errors in OpenAI's error-object shape, for the native and the OpenAI-compatible API:
+`{"error": {"message", "type", "param", "code"}}` with the status code that says who must act
+(4xx: the caller; 503: retry later or restart the server; 500: a loom bug)."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from pydantic import ValidationError
+from starlette.exceptions import HTTPException
+
+from loom.runtime.sampling_params import InvalidRequestError
+from loom.runtime.tokenizer.manager import SchedulerDeadError
+
+logger = logging.getLogger(__name__)
+
+# The status nginx made up for "the client closed the connection": nobody reads it.
+CLIENT_CLOSED = 499
+
+
+class APIError(Exception):
+    def __init__(
+        self, status: int, message: str, param: str | None = None, code: str | None = None
+    ):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.param = param
+        self.code = code
+
+    def body(self) -> dict:
+        kind = "invalid_request_error" if self.status < 500 else "server_error"
+        error = {"message": self.message, "type": kind, "param": self.param, "code": self.code}
+        return {"error": error}
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(self.body(), status_code=self.status)
+
+
+class ClientDisconnected(Exception):
+    """The client went away before its answer was ready; its request was aborted."""
+
+
+def as_api_error(exc: BaseException) -> APIError:
+    if isinstance(exc, APIError):
+        return exc
+    if isinstance(exc, InvalidRequestError):
+        return APIError(400, str(exc))
+    if isinstance(exc, SchedulerDeadError):
+        return APIError(503, f"the server cannot generate: {exc}", code="scheduler_dead")
+    if isinstance(exc, ValidationError):
+        return validation_error(exc)
+    logger.exception("internal error", exc_info=exc)
+    return APIError(500, f"internal server error: {type(exc).__name__}: {exc}")
+
+
+def validation_error(exc: ValidationError | RequestValidationError) -> APIError:
+    """pydantic's list of problems -> one message naming the fields to fix."""
+    problems = exc.errors()
+    parts = []
+    for p in problems[:3]:
+        where = ".".join(str(x) for x in p["loc"] if x != "body")
+        parts.append(f"`{where}`: {p['msg']}" if where else p["msg"])
+    more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
+    param = ".".join(str(x) for x in problems[0]["loc"]) if problems else None
+    return APIError(400, "invalid request: " + "; ".join(parts) + more, param=param)
+
+
+async def read_json(request: Request) -> dict:
+    """The body as a JSON object, or a 400 saying what is wrong with it."""
+    raw = await request.body()
+    try:
+        body = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise APIError(400, f"the request body is not valid JSON ({e}); send a JSON object") from e
+    if not isinstance(body, dict):
+        raise APIError(400, f"the request body must be a JSON object, got {type(body).__name__}")
+    return body
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    async def api_error(_: Request, exc: Exception) -> Response:
+        if isinstance(exc, ClientDisconnected):
+            return Response(status_code=CLIENT_CLOSED)
+        if isinstance(exc, HTTPException):
+            return APIError(exc.status_code, str(exc.detail)).response()
+        if isinstance(exc, RequestValidationError):
+            return validation_error(exc).response()
+        return as_api_error(exc).response()
+
+    for kind in (
+        APIError,
+        ClientDisconnected,
+        InvalidRequestError,
+        SchedulerDeadError,
+        ValidationError,
+        RequestValidationError,
+        HTTPException,
+        Exception,
+    ):
+        app.add_exception_handler(kind, api_error)

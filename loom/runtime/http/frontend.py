@@ -1,0 +1,158 @@
+"""What every HTTP endpoint shares on its way to the tokenizer manager: validation errors
+as 4xx, the queue cap (503), aborting a request the moment its client disconnects, turning
+scheduler-side aborts into errors, metrics, and server-sent events.
+
+Everything here runs on the tokenizer manager's event loop: uvicorn serves on the Engine's
+loop, so a handler awaits the manager directly, with no thread hop per token.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+from collections.abc import AsyncIterator, Awaitable
+from dataclasses import dataclass
+from typing import TypeVar
+
+from fastapi import Request
+
+from loom.runtime.http.errors import APIError, ClientDisconnected, as_api_error
+from loom.runtime.http.metrics import ServerMetrics
+from loom.runtime.messages import ServerInfo
+from loom.runtime.tokenizer.inputs import GenerateInput, Item
+from loom.runtime.tokenizer.manager import TokenizerManager
+
+T = TypeVar("T")
+
+
+@dataclass
+class Prepared:
+    """A validated request: its per-completion items, ready to send to the scheduler."""
+
+    obj: GenerateInput
+    items: list[Item]
+    is_batch: bool
+
+
+class Frontend:
+    def __init__(self, manager: TokenizerManager, max_running: int, max_queued: int | None):
+        self.manager = manager
+        self.metrics = ServerMetrics()
+        # Completions admitted and not yet finished. Beyond what the scheduler runs at once,
+        # they wait in its queue: the cap bounds that queue.
+        self.in_flight = 0
+        self.capacity = None if max_queued is None else max_running + max_queued
+        self.max_queued = max_queued
+        self.client_aborted: set[str] = set()  # rids stopped through POST /abort_request
+
+    @property
+    def dead(self) -> str | None:
+        return self.manager.dead
+
+    def prepare(self, obj: GenerateInput, admit: bool = True) -> Prepared:
+        """Validate and tokenize; raises APIError (400 bad input, 503 dead or full)."""
+        try:
+            items, is_batch = self.manager.prepare(obj)
+        except Exception as e:  # noqa: BLE001 - mapped to the right status
+            raise as_api_error(e) from e
+        if admit and self.capacity is not None and self.in_flight + len(items) > self.capacity:
+            raise APIError(
+                503,
+                f"the server is at capacity ({self.in_flight} requests in flight, at most "
+                f"{self.max_queued} may wait beyond those running); retry later",
+                code="queue_full",
+            )
+        return Prepared(obj, items, is_batch)
+
+    async def chunks(self, prepared: Prepared) -> AsyncIterator[dict]:
+        """The manager's outputs: stream chunks, or for a non-stream request one result (a
+        list for a batch or n > 1). Raises APIError for a request the scheduler aborted."""
+        agen = self.manager.generate(prepared.obj, (prepared.items, prepared.is_batch))
+        self.in_flight += len(prepared.items)
+        try:
+            async for out in agen:
+                for result in out if isinstance(out, list) else [out]:
+                    self._on_output(result["meta_info"], prepared.obj.stream)
+                yield out
+        except Exception as e:  # noqa: BLE001 - mapped to the right status
+            raise as_api_error(e) from e
+        finally:
+            self.in_flight -= len(prepared.items)
+            await agen.aclose()  # aborts in the scheduler whatever is still running
+
+    async def result(self, prepared: Prepared, request: Request) -> dict | list[dict]:
+        """A non-stream request's answer; aborted at once if the client disconnects."""
+        return await until_disconnect(request, _first(self.chunks(prepared)))
+
+    def _on_output(self, meta: dict, streamed: bool) -> None:
+        reason = meta.get("finish_reason")
+        if reason is None:
+            return
+        self.metrics.observe(meta, streamed)
+        if reason.get("type") == "abort" and meta["id"] not in self.client_aborted:
+            raise APIError(400, reason.get("message") or "the request was aborted")
+        self.client_aborted.discard(meta["id"])
+
+    def abort(self, rid: str) -> list[str]:
+        """Abort the request `rid` (all its completions, for n > 1); returns the rids hit."""
+        own = re.compile(re.escape(rid) + r"(-\d+)?")
+        hit = [r for r in list(self.manager.states) if own.fullmatch(r)]
+        for r in hit:
+            self.client_aborted.add(r)
+            self.manager.abort(r)
+        return hit
+
+    async def server_info(self) -> ServerInfo:
+        try:
+            return await self.manager.server_info()
+        except Exception as e:  # noqa: BLE001 - mapped to the right status
+            raise as_api_error(e) from e
+
+
+async def _first(agen: AsyncIterator[T]) -> T:
+    try:
+        async for item in agen:
+            return item
+    finally:
+        await agen.aclose()
+    raise RuntimeError("the request produced no result")
+
+
+async def until_disconnect(request: Request, work: Awaitable[T]) -> T:
+    """Await `work` unless the client disconnects first: then cancel it (the manager aborts
+    the request, which frees its KV) and raise ClientDisconnected."""
+    task = asyncio.ensure_future(work)
+    gone = asyncio.ensure_future(_disconnected(request))
+    try:
+        done, _ = await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+        if not task.done():
+            task.cancel()
+    if task not in done:
+        raise ClientDisconnected()
+    return task.result()
+
+
+async def _disconnected(request: Request) -> None:
+    # The body was read already, so the next ASGI message is http.disconnect.
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+def sse_event(data: dict | str) -> bytes:
+    text = data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)
+    return f"data: {text}\n\n".encode()
+
+
+async def sse(events: AsyncIterator[dict]) -> AsyncIterator[bytes]:
+    """Server-sent events: `data: {...}` per event, an error event if the request fails
+    midway, and `data: [DONE]`. Starlette cancels this generator when the client
+    disconnects; the cancellation reaches the manager, which aborts the request."""
+    try:
+        async for event in events:
+            yield sse_event(event)
+    except Exception as e:  # noqa: BLE001 - the status line is gone; report in the stream
+        yield sse_event(as_api_error(e).body())
+    yield sse_event("[DONE]")
