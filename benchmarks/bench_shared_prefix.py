@@ -89,13 +89,19 @@ def main() -> None:
         f"system {args.system_prompt_len}, question {args.question_len}, "
         f"output {args.output_len} tokens"
     )
-    print(f"{'cache':>6} {'reqs':>5} {'time s':>8} {'out tok/s':>10} {'total tok/s':>12} "
-          f"{'req/s':>7} {'hit rate':>9}")
+    print(
+        f"{'cache':>6} {'reqs':>5} {'time s':>8} {'out tok/s':>10} {'total tok/s':>12} "
+        f"{'req/s':>7} {'hit rate':>9}"
+    )
     for r in rows:
-        print(f"{r['cache']:>6} {r['requests']:>5} {r['seconds']:>8.2f} {r['output_tok_s']:>10.1f} "
-              f"{r['total_tok_s']:>12.1f} {r['req_s']:>7.2f} {r['hit_rate']:>9.1%}")
-    print(f"speedup with cache: {rows[1]['seconds'] / rows[0]['seconds']:.2f}x; "
-          f"greedy outputs identical: {same}")
+        print(
+            f"{r['cache']:>6} {r['requests']:>5} {r['seconds']:>8.2f} {r['output_tok_s']:>10.1f} "
+            f"{r['total_tok_s']:>12.1f} {r['req_s']:>7.2f} {r['hit_rate']:>9.1%}"
+        )
+    print(
+        f"speedup with cache: {rows[1]['seconds'] / rows[0]['seconds']:.2f}x; "
+        f"greedy outputs identical: {same}"
+    )
 
 
 if __name__ == "__main__":

@@ -44,11 +44,14 @@ def test_tiny_pool_evicts_and_retracts_yet_matches_transformers(policy, tiny_mod
     hf = load_reference(folder)
     g = torch.Generator().manual_seed(1)
     shared = _random_ids(24, g)
-    prompts = [(shared if i % 2 else []) + _random_ids(int(k), g)
-               for i, k in enumerate(torch.randint(8, 30, (12,), generator=g))]
+    prompts = [
+        (shared if i % 2 else []) + _random_ids(int(k), g)
+        for i, k in enumerate(torch.randint(8, 30, (12,), generator=g))
+    ]
     # 160 slots: a few requests fit at once, but their 40 new tokens each do not.
-    sched = make_scheduler(folder, max_total_tokens=160, schedule_policy=policy,
-                           chunked_prefill_size=16)
+    sched = make_scheduler(
+        folder, max_total_tokens=160, schedule_policy=policy, chunked_prefill_size=16
+    )
     results = run_scheduler(sched, prompts, {**GREEDY, "max_new_tokens": 40}, arrive_every=1)
     for i, p in enumerate(prompts):
         assert results[f"r{i}"][0] == hf_greedy(hf, p, 40), f"prompt {i}"
@@ -69,10 +72,16 @@ def test_chunked_prefill_gives_the_same_logits_and_tokens(tiny_model_factory):
     for chunk in (-1, 16):
         sched = make_scheduler(folder, chunked_prefill_size=chunk)
         for i, p in enumerate(prompts):
-            sched.add_request(GenerateRequest(
-                f"r{i}", p, SamplingParams(**GREEDY, max_new_tokens=6),
-                return_logprob=True, logprob_start_len=0, top_logprobs_num=5,
-            ))
+            sched.add_request(
+                GenerateRequest(
+                    f"r{i}",
+                    p,
+                    SamplingParams(**GREEDY, max_new_tokens=6),
+                    return_logprob=True,
+                    logprob_start_len=0,
+                    top_logprobs_num=5,
+                )
+            )
         outs = {}
         while sched.has_work():
             sched.step()
@@ -85,19 +94,22 @@ def test_chunked_prefill_gives_the_same_logits_and_tokens(tiny_model_factory):
         a = [lp for lp, _ in whole.input_token_logprobs[1:]]
         b = [lp for lp, _ in chunked.input_token_logprobs[1:]]
         torch.testing.assert_close(torch.tensor(b), torch.tensor(a), atol=1e-5, rtol=0)
-        assert [t for _, t in chunked.input_top_logprobs[1][:3]] == \
-               [t for _, t in whole.input_top_logprobs[1][:3]]
+        assert [t for _, t in chunked.input_top_logprobs[1][:3]] == [
+            t for _, t in whole.input_top_logprobs[1][:3]
+        ]
 
 
 def test_decode_continues_between_prefill_chunks(tiny_model_factory):
     folder = tiny_model_factory("llama")
     g = torch.Generator().manual_seed(3)
     sched = make_scheduler(folder, chunked_prefill_size=8)
-    sched.add_request(GenerateRequest("short", _random_ids(5, g),
-                                      SamplingParams(**GREEDY, max_new_tokens=30)))
+    sched.add_request(
+        GenerateRequest("short", _random_ids(5, g), SamplingParams(**GREEDY, max_new_tokens=30))
+    )
     sched.step()  # prefill the short request
-    sched.add_request(GenerateRequest("long", _random_ids(120, g),
-                                      SamplingParams(**GREEDY, max_new_tokens=2)))
+    sched.add_request(
+        GenerateRequest("long", _random_ids(120, g), SamplingParams(**GREEDY, max_new_tokens=2))
+    )
     decoded_during_prefill = 0
     while sched.chunked is not None or any(r.rid == "long" for r in sched.waiting):
         before = len(sched.running[0].output_ids) if sched.running else 0
