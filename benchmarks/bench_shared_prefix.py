@@ -39,6 +39,7 @@ def run(args, disable_cache: bool) -> dict:
         load_format=args.load_format,
         disable_radix_cache=disable_cache,
         grammar_backend="none",
+        tokenizer_path=args.tokenizer_path,
     )
     if args.max_total_tokens:
         engine_args["max_total_tokens"] = args.max_total_tokens
@@ -72,6 +73,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--model-path", default=None, help="default: the embedded SmolLM2-135M")
     p.add_argument("--load-format", default="auto")
+    p.add_argument("--tokenizer-path", default=None)
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto")
     p.add_argument("--max-total-tokens", type=int, default=None)

@@ -91,7 +91,21 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="shut down when the process that started the server exits (loom.Runtime sets it)",
     )
+    run = sub.add_parser("run", help="run a Python program (e.g. examples/react_agent.py)")
+    run.add_argument("script", help="the .py file to run as __main__")
+    run.add_argument("args", nargs=argparse.REMAINDER, help="arguments for the script")
+    run.add_argument("--log-level", default="warning")
     return parser
+
+
+def _run_script(ns: argparse.Namespace) -> int:
+    import os
+    import runpy
+
+    sys.argv = [ns.script, *ns.args]
+    sys.path.insert(0, os.path.dirname(os.path.abspath(ns.script)))
+    runpy.run_path(ns.script, run_name="__main__")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -99,6 +113,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=getattr(logging, ns.log_level.upper()), format="%(message)s")
     if ns.command == "generate":
         return _generate(ns)
+    if ns.command == "run":
+        return _run_script(ns)
     if ns.command == "serve":
         from loom.runtime.http.launch import run_server
 

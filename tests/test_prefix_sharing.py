@@ -61,7 +61,7 @@ def test_tiny_pool_evicts_and_retracts_yet_matches_transformers(policy, tiny_mod
     sched.kv.cache.check_integrity()
     sched.kv.cache.reset()
     assert sched.runner.allocator.available() == info.max_total_tokens
-    assert sched.runner.req_to_token_pool.available() == sched.runner.req_to_token_pool.num_slots
+    assert sched.runner.req_to_token_pool.available() == sched.runner.req_to_token_pool.capacity
 
 
 def test_chunked_prefill_gives_the_same_logits_and_tokens(tiny_model_factory):

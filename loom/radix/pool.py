@@ -43,15 +43,20 @@ class KVAllocator:
 
 
 class ReqToTokenPool:
-    """Maps a request slot and a position to the KV slot holding that token."""
+    """Maps a request slot and a position to the KV slot holding that token.
 
-    def __init__(self, num_slots: int, max_context_len: int, device: torch.device | str):
-        self.num_slots = num_slots
+    One extra row past `capacity` is never handed out: padded batch rows (CUDA graphs)
+    read it.
+    """
+
+    def __init__(self, capacity: int, max_context_len: int, device: torch.device | str):
+        self.capacity = capacity
+        self.num_slots = capacity + 1
         self.max_context_len = max_context_len
         self.req_to_token = torch.zeros(
-            (num_slots, max_context_len), dtype=torch.int32, device=device
+            (self.num_slots, max_context_len), dtype=torch.int32, device=device
         )
-        self._free = list(range(num_slots - 1, -1, -1))
+        self._free = list(range(capacity - 1, -1, -1))
 
     def available(self) -> int:
         return len(self._free)
@@ -64,6 +69,12 @@ class ReqToTokenPool:
 
     def write(self, slot: int, start: int, kv_slots: torch.Tensor) -> None:
         self.req_to_token[slot, start : start + kv_slots.numel()] = kv_slots.to(torch.int32)
+
+    def write_positions(self, rows: list[int], positions: list[int], kv_slots: torch.Tensor):
+        """req_to_token[rows[i], positions[i]] = kv_slots[i], in one indexed store."""
+        dev = self.req_to_token.device
+        index = torch.tensor([rows, positions], dtype=torch.int64).to(dev, non_blocking=True)
+        self.req_to_token[index[0], index[1]] = kv_slots.to(torch.int32)
 
     def read(self, slot: int, start: int, end: int) -> torch.Tensor:
         return self.req_to_token[slot, start:end].to(torch.int64)

@@ -91,6 +91,11 @@ class ServerInfo:
     generation_tokens_total: int
     retractions_total: int
     evicted_tokens_total: int
+    forward_steps_total: int = 0  # model forwards run (extend and decode steps)
+    # Jump-forward: grammar-forced draft tokens run, and those the model confirmed (each
+    # one a decode step saved).
+    jump_forward_draft_tokens_total: int = 0
+    jump_forward_tokens_total: int = 0
 
 
 @dataclass

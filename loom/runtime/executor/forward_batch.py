@@ -30,6 +30,8 @@ class ForwardBatch:
     logits_start_cpu: list[int] = field(default_factory=list)
     # Filled by the attention backend's plan step.
     attn_metadata: object = None
+    # DECODE replayed from a CUDA graph: batch_size is the padded, captured size.
+    in_cuda_graph: bool = False
 
     @property
     def num_tokens(self) -> int:

@@ -53,6 +53,7 @@ class ModelRunner:
         for module in self.model.modules():
             if isinstance(module, Attention):
                 module.backend = self.attn_backend
+        self.cuda_graphs = self._maybe_capture_cuda_graphs()
 
     # ---- setup -------------------------------------------------------------------------
 
@@ -86,7 +87,8 @@ class ModelRunner:
         for module in model.modules():
             if isinstance(module, RotaryEmbedding):  # buffers were on meta: rebuild them
                 fresh = RotaryEmbedding(self.config, head_dim_of(self.config), max_positions)
-                module.cos, module.sin = fresh.cos.to(self.device), fresh.sin.to(self.device)
+                for name in ("cos", "sin", "cos_sin"):
+                    setattr(module, name, getattr(fresh, name).to(self.device))
         if self.args.load_format == "dummy":
             init_dummy_weights(model, self.args.random_seed or 0)
         else:
@@ -121,7 +123,7 @@ class ModelRunner:
         cfg = self.config
         kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
         self.req_to_token_pool = ReqToTokenPool(
-            self.max_running_requests + 1, self.context_len + 4, self.device
+            self.max_running_requests, self.context_len + 4, self.device
         )
         self.kv_pool = KVCachePool(
             self.max_total_tokens,
@@ -148,10 +150,22 @@ class ModelRunner:
 
         return TorchNativeBackend(self.req_to_token_pool, self.kv_pool)
 
+    def _maybe_capture_cuda_graphs(self):
+        if self.device.type != "cuda" or self.args.disable_cuda_graph:
+            return None
+        if not self.attn_backend.supports_cuda_graph:
+            logger.info("CUDA graphs need the flashinfer backend; decoding eagerly")
+            return None
+        from loom.runtime.executor.cuda_graph import CudaGraphRunner
+
+        return CudaGraphRunner(self, min(self.args.cuda_graph_max_bs, self.max_running_requests))
+
     # ---- forward -----------------------------------------------------------------------
 
     @torch.inference_mode()
     def forward(self, batch: ForwardBatch) -> LogitsOutput:
+        if self.cuda_graphs is not None and self.cuda_graphs.can_run(batch):
+            return LogitsOutput(self.cuda_graphs.replay(batch), [None] * batch.batch_size)
         self.attn_backend.plan(batch)
         hidden = self.model(batch)
         if batch.mode is ForwardMode.DECODE:

@@ -83,11 +83,11 @@ async def read_json(request: Request) -> dict:
 
 
 def install_error_handlers(app: FastAPI) -> None:
-    async def api_error(_: Request, exc: Exception) -> Response:
+    async def api_error(request: Request, exc: Exception) -> Response:
         if isinstance(exc, ClientDisconnected):
             return Response(status_code=CLIENT_CLOSED)
         if isinstance(exc, HTTPException):
-            return APIError(exc.status_code, str(exc.detail)).response()
+            return _http_error(request, exc).response()
         if isinstance(exc, RequestValidationError):
             return validation_error(exc).response()
         return as_api_error(exc).response()
@@ -103,3 +103,12 @@ def install_error_handlers(app: FastAPI) -> None:
         Exception,
     ):
         app.add_exception_handler(kind, api_error)
+
+
+def _http_error(request: Request, exc: HTTPException) -> APIError:
+    where = f"{request.method} {request.url.path}"
+    if exc.status_code == 404:
+        return APIError(404, f"{where}: no such endpoint (see /docs for the API)")
+    if exc.status_code == 405:
+        return APIError(405, f"{where}: this endpoint does not take {request.method}")
+    return APIError(exc.status_code, f"{where}: {exc.detail}")

@@ -11,7 +11,8 @@ from __future__ import annotations
 import asyncio
 import json
 import re
-from collections.abc import AsyncIterator, Awaitable
+import weakref
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -26,13 +27,15 @@ from loom.runtime.tokenizer.manager import TokenizerManager
 T = TypeVar("T")
 
 
-@dataclass
+@dataclass(eq=False)
 class Prepared:
-    """A validated request: its per-completion items, ready to send to the scheduler."""
+    """A validated request: its per-completion items, ready to send to the scheduler. It
+    holds its place in the server's count of requests in flight until release()."""
 
     obj: GenerateInput
     items: list[Item]
     is_batch: bool
+    release: Callable[[], None]
 
 
 class Frontend:
@@ -51,7 +54,8 @@ class Frontend:
         return self.manager.dead
 
     def prepare(self, obj: GenerateInput, admit: bool = True) -> Prepared:
-        """Validate and tokenize; raises APIError (400 bad input, 503 dead or full)."""
+        """Validate and tokenize; raises APIError (400 bad input, 503 dead or full).
+        admit=False: not held to the queue cap (health checks)."""
         try:
             items, is_batch = self.manager.prepare(obj)
         except Exception as e:  # noqa: BLE001 - mapped to the right status
@@ -63,13 +67,29 @@ class Frontend:
                 f"{self.max_queued} may wait beyond those running); retry later",
                 code="queue_full",
             )
-        return Prepared(obj, items, is_batch)
+        # Counted from admission on, so requests arriving together cannot all slip under
+        # the cap; released when the request ends, or, if its response never starts (the
+        # client left first), when the Prepared is dropped.
+        self.in_flight += len(items)
+        prepared = Prepared(obj, items, is_batch, self._releaser(len(items)))
+        weakref.finalize(prepared, prepared.release)
+        return prepared
+
+    def _releaser(self, count: int) -> Callable[[], None]:
+        released = False
+
+        def release() -> None:
+            nonlocal released
+            if not released:
+                released = True
+                self.in_flight -= count
+
+        return release
 
     async def chunks(self, prepared: Prepared) -> AsyncIterator[dict]:
         """The manager's outputs: stream chunks, or for a non-stream request one result (a
         list for a batch or n > 1). Raises APIError for a request the scheduler aborted."""
         agen = self.manager.generate(prepared.obj, (prepared.items, prepared.is_batch))
-        self.in_flight += len(prepared.items)
         try:
             async for out in agen:
                 for result in out if isinstance(out, list) else [out]:
@@ -78,7 +98,9 @@ class Frontend:
         except Exception as e:  # noqa: BLE001 - mapped to the right status
             raise as_api_error(e) from e
         finally:
-            self.in_flight -= len(prepared.items)
+            prepared.release()
+            for item in prepared.items:
+                self.client_aborted.discard(item.request.rid)
             await agen.aclose()  # aborts in the scheduler whatever is still running
 
     async def result(self, prepared: Prepared, request: Request) -> dict | list[dict]:
@@ -92,11 +114,11 @@ class Frontend:
         self.metrics.observe(meta, streamed)
         if reason.get("type") == "abort" and meta["id"] not in self.client_aborted:
             raise APIError(400, reason.get("message") or "the request was aborted")
-        self.client_aborted.discard(meta["id"])
 
     def abort(self, rid: str) -> list[str]:
-        """Abort the request `rid` (all its completions, for n > 1); returns the rids hit."""
-        own = re.compile(re.escape(rid) + r"(-\d+)?")
+        """Abort the request `rid` (all its completions: n > 1 and batches name them
+        rid-j, rid-pI, rid-pI-j); returns the rids hit."""
+        own = re.compile(re.escape(rid) + r"(-p\d+)?(-\d+)?")
         hit = [r for r in list(self.manager.states) if own.fullmatch(r)]
         for r in hit:
             self.client_aborted.add(r)

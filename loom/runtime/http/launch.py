@@ -40,7 +40,11 @@ def run_server(args: ServerArgs, exit_with_parent: bool = False) -> int:
     stopper.install(exit_with_parent)
     engine = None
     try:
-        engine = Engine(**dataclasses.asdict(args))
+        try:
+            engine = Engine(**dataclasses.asdict(args))
+        except Exception as e:  # noqa: BLE001 - a start-up failure is reported, not a crash
+            logger.error("loom serve cannot start: %s: %s", type(e).__name__, e)
+            return 1
         config = uvicorn.Config(
             create_app(engine),
             log_level=args.log_level,
@@ -79,7 +83,8 @@ def bind_socket(host: str, port: int) -> socket.socket:
         sock.bind((host, port))
     except OSError as e:
         sock.close()
-        raise SystemExit(f"cannot listen on {host}:{port}: {e.strerror}; pick another --port")
+        message = f"cannot listen on {host}:{port}: {e.strerror}; pick another --port"
+        raise SystemExit(message) from e
     sock.set_inheritable(False)
     return sock
 

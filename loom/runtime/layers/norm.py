@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from loom.runtime.layers import cuda_kernels
+
 
 class RMSNorm(nn.Module):
     def __init__(self, hidden_size: int, eps: float = 1e-6):
@@ -13,6 +15,11 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 2 and x.is_contiguous() and cuda_kernels.available(x):
+            return cuda_kernels.rmsnorm(x, self.weight, self.eps)
+        return self.forward_native(x)
+
+    def forward_native(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -22,5 +29,7 @@ class RMSNorm(nn.Module):
         self, x: torch.Tensor, residual: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Adds the residual first; returns (normed, new residual)."""
+        if cuda_kernels.available(x) and x.is_contiguous() and residual.is_contiguous():
+            return cuda_kernels.add_rmsnorm(x, residual, self.weight, self.eps)
         residual = x + residual
         return self.forward(residual), residual

@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from loom.runtime.layers import cuda_kernels
+
 
 def _inv_freq(config, head_dim: int) -> tuple[torch.Tensor, float]:
     params = getattr(config, "rope_parameters", None) or {}
@@ -35,7 +37,11 @@ class RotaryEmbedding(nn.Module):
             inv_freq, scaling = _inv_freq(config, head_dim)
             t = torch.arange(max_positions, dtype=torch.float32)
             freqs = torch.outer(t, inv_freq)
-            freqs = torch.cat([freqs, freqs], dim=-1)  # rotate-half: both halves share angles
+            # The fused kernel's cache: (positions, head_dim) = [cos of each pair | sin of each].
+        self.register_buffer(
+            "cos_sin", torch.cat([freqs.cos(), freqs.sin()], dim=-1) * scaling, persistent=False
+        )
+        freqs = torch.cat([freqs, freqs], dim=-1)  # rotate-half: both halves share angles
         self.register_buffer("cos", freqs.cos() * scaling, persistent=False)
         self.register_buffer("sin", freqs.sin() * scaling, persistent=False)
 
@@ -43,6 +49,9 @@ class RotaryEmbedding(nn.Module):
         self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """q: (tokens, heads, head_dim), k: (tokens, kv_heads, head_dim)."""
+        if cuda_kernels.available(q):
+            cuda_kernels.rope_inplace(positions, q, k, self.cos_sin)
+            return q, k
         cos = self.cos[positions].unsqueeze(1)
         sin = self.sin[positions].unsqueeze(1)
         return _rotate(q, cos, sin), _rotate(k, cos, sin)

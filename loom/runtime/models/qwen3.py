@@ -15,7 +15,8 @@ class Qwen3Attention(LlamaAttention):
         self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
 
     def qk_norm(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.q_norm(q), self.k_norm(k)
+        # Per-head norms on strided views of the fused qkv output: the reference path.
+        return self.q_norm.forward_native(q), self.k_norm.forward_native(k)
 
 
 class Qwen3DecoderLayer(LlamaDecoderLayer):

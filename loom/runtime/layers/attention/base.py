@@ -20,6 +20,8 @@ class AttentionBackend(ABC):
     req_to_token[req_pool_indices[i], :seq_lens[i]].
     """
 
+    supports_cuda_graph = False  # decode can be captured (fixed-address plan buffers)
+
     def __init__(self, req_to_token_pool: ReqToTokenPool, kv_pool: KVCachePool):
         self.req_to_token_pool = req_to_token_pool
         self.kv_pool = kv_pool

@@ -1,0 +1,154 @@
+"""Offline throughput: N requests at once through loom's Engine, and Hugging Face
+transformers `generate` (static batches, left-padded) on the same model and requests as
+the baseline, in one run. Output lengths are fixed (ignore_eos), so both do the same work;
+transformers' padding and over-generation are not counted as output.
+
+    python benchmarks/bench_offline.py --model-path benchmarks/configs/llama-3.1-8b \
+        --load-format dummy --tokenizer-path ASSETS/tokenizer-llama3 \
+        --dataset sharegpt --sharegpt-path ASSETS/sharegpt.json --num-prompts 1000
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import time
+
+import torch
+
+from loom.runtime.engine import Engine
+
+
+def load_requests(a) -> list[tuple[list[int], int]]:
+    rng = random.Random(a.seed)
+    if a.dataset == "sharegpt":
+        with open(a.sharegpt_path) as f:
+            rows = json.load(f)["rows"][: a.num_prompts]
+        return [(r["input_ids"], r["output_len"]) for r in rows]
+    lo = max(1, int(a.random_input_len * a.random_range_ratio))
+    lo_out = max(1, int(a.random_output_len * a.random_range_ratio))
+    return [
+        (
+            [rng.randrange(100, 30000) for _ in range(rng.randint(lo, a.random_input_len))],
+            rng.randint(lo_out, a.random_output_len),
+        )
+        for _ in range(a.num_prompts)
+    ]
+
+
+def run_loom(a, requests) -> dict:
+    kw = dict(
+        load_format=a.load_format,
+        dtype=a.dtype,
+        tokenizer_path=a.tokenizer_path,
+        grammar_backend="none",
+        disable_cuda_graph=a.disable_cuda_graph,
+        cuda_graph_max_bs=a.cuda_graph_max_bs,
+    )
+    if a.max_running_requests:
+        kw["max_running_requests"] = a.max_running_requests
+    with Engine(a.model_path, **kw) as engine:
+        warm = [(ids[:16], 4) for ids, _ in requests[:8]]
+        _generate(engine, warm)
+        results = {}
+        for name, subset in (("all", requests), ("subset", requests[: a.hf_prompts])):
+            if name == "subset" and not a.hf_prompts:
+                continue
+            engine.flush_cache()
+            start = time.perf_counter()
+            outs = _generate(engine, subset)
+            elapsed = time.perf_counter() - start
+            tokens = sum(o["meta_info"]["completion_tokens"] for o in outs)
+            results[name] = dict(requests=len(subset), seconds=elapsed, output_tokens=tokens)
+    return results
+
+
+def _generate(engine, requests):
+    params = [{"max_new_tokens": n, "ignore_eos": True, "temperature": 0} for _, n in requests]
+    return engine.generate(input_ids=[ids for ids, _ in requests], sampling_params=params)
+
+
+def run_transformers(a, requests) -> dict:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    dtype = getattr(torch, a.dtype)
+    if a.load_format == "dummy":
+        with torch.device("cuda"):
+            model = AutoModelForCausalLM.from_config(
+                AutoConfig.from_pretrained(a.model_path), dtype=dtype
+            )
+    else:
+        model = AutoModelForCausalLM.from_pretrained(a.model_path, dtype=dtype).cuda()
+    model.eval()
+    model.generation_config.eos_token_id = None
+    pad = 0
+    useful, start = 0, time.perf_counter()
+    for i in range(0, len(requests), a.hf_batch_size):
+        batch = requests[i : i + a.hf_batch_size]
+        width = max(len(ids) for ids, _ in batch)
+        ids = torch.tensor([[pad] * (width - len(p)) + p for p, _ in batch], device="cuda")
+        mask = torch.tensor(
+            [[0] * (width - len(p)) + [1] * len(p) for p, _ in batch], device="cuda"
+        )
+        new = max(n for _, n in batch)
+        with torch.no_grad():
+            model.generate(
+                input_ids=ids,
+                attention_mask=mask,
+                max_new_tokens=new,
+                min_new_tokens=new,
+                do_sample=False,
+                pad_token_id=pad,
+            )
+        useful += sum(n for _, n in batch)
+    torch.cuda.synchronize()
+    return dict(requests=len(requests), seconds=time.perf_counter() - start, output_tokens=useful)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--model-path", required=True)
+    p.add_argument("--load-format", default="auto")
+    p.add_argument("--tokenizer-path", default=None)
+    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--dataset", choices=["random", "sharegpt"], default="random")
+    p.add_argument("--sharegpt-path", default=None)
+    p.add_argument("--num-prompts", type=int, default=1000)
+    p.add_argument("--random-input-len", type=int, default=1024)
+    p.add_argument("--random-output-len", type=int, default=256)
+    p.add_argument("--random-range-ratio", type=float, default=0.5)
+    p.add_argument("--max-running-requests", type=int, default=None)
+    p.add_argument("--cuda-graph-max-bs", type=int, default=256)
+    p.add_argument("--disable-cuda-graph", action="store_true")
+    p.add_argument("--hf-prompts", type=int, default=128, help="baseline subset (0: skip)")
+    p.add_argument("--hf-batch-size", type=int, default=64)
+    p.add_argument("--seed", type=int, default=0)
+    a = p.parse_args()
+    requests = load_requests(a)
+    rows = [(f"loom ({name})", r) for name, r in run_loom(a, requests).items()]
+    for name, r in rows:  # printed now: the baseline below can take minutes
+        print(f"{name}: {r['output_tokens'] / r['seconds']:.0f} output tok/s", flush=True)
+    if a.hf_prompts:
+        rows.append(("transformers (subset)", run_transformers(a, requests[: a.hf_prompts])))
+    print(
+        f"\noffline {a.dataset}: {len(requests)} requests, "
+        f"{sum(len(i) for i, _ in requests)} prompt tokens, "
+        f"{sum(n for _, n in requests)} output tokens; model {a.model_path} ({a.load_format})"
+    )
+    print(f"{'engine':<24} {'reqs':>5} {'seconds':>8} {'out tok/s':>10} {'req/s':>7}")
+    for name, r in rows:
+        print(
+            f"{name:<24} {r['requests']:>5} {r['seconds']:>8.1f} "
+            f"{r['output_tokens'] / r['seconds']:>10.0f} {r['requests'] / r['seconds']:>7.2f}"
+        )
+    by = dict(rows)
+    if "loom (subset)" in by and "transformers (subset)" in by:
+        ratio = (by["loom (subset)"]["output_tokens"] / by["loom (subset)"]["seconds"]) / (
+            by["transformers (subset)"]["output_tokens"] / by["transformers (subset)"]["seconds"]
+        )
+        print(f"loom / transformers on the same {a.hf_prompts} requests: {ratio:.1f}x")
+
+
+if __name__ == "__main__":
+    main()

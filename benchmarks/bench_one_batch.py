@@ -1,0 +1,168 @@
+"""Latency of one prefill and of decode steps against batch size and context length,
+beside the bandwidth floor: (weight bytes + KV bytes read) / measured copy bandwidth.
+
+Runs the model runner directly (no scheduler); a decode step is the whole step the engine
+takes: plan, forward, greedy pick, tokens to the host.
+
+    python benchmarks/bench_one_batch.py --model-path benchmarks/configs/llama-3.1-8b \
+        --load-format dummy --batch-sizes 1,8,64,256 --input-lens 128,1024
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from loom.radix.pool import KVCachePool
+from loom.runtime.args import ServerArgs
+from loom.runtime.executor.model_runner import ModelRunner
+from loom.runtime.models.llama import head_dim_of
+from loom.runtime.sampling_params import SamplingParams
+from loom.runtime.scheduler import batch as batching
+from loom.runtime.scheduler.request import Req
+
+
+def copy_bandwidth(device: torch.device, nbytes: int = 2 << 30) -> float:
+    """Bytes per second of a device-to-device copy, counting bytes read plus written."""
+    src = torch.randint(0, 255, (nbytes,), dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    for _ in range(3):
+        dst.copy_(src)
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(10):
+        t = time.perf_counter()
+        dst.copy_(src)
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - t)
+    return 2 * nbytes / statistics.median(times)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def run_case(
+    runner: ModelRunner, bs: int, input_len: int, steps: int, max_prefill_tokens: int
+) -> tuple[float, float, float]:
+    dev = runner.device
+    g = torch.Generator().manual_seed(bs * 7919 + input_len)
+    reqs = []
+    for i in range(bs):
+        req = Req(
+            f"b{i}", torch.randint(10, 1000, (input_len,), generator=g).tolist(), SamplingParams()
+        )
+        req.req_pool_idx = runner.req_to_token_pool.alloc()
+        runner.req_to_token_pool.write(req.req_pool_idx, 0, runner.allocator.alloc(input_len))
+        req.kv_len = input_len
+        reqs.append(req)
+    sync(dev)
+    t = time.perf_counter()
+    tokens = []
+    per_forward = max(1, max_prefill_tokens // input_len)  # as the engine caps a prefill batch
+    for i in range(0, bs, per_forward):
+        part = reqs[i : i + per_forward]
+        out = runner.forward(
+            batching.extend_batch(part, [0] * len(part), runner.req_to_token_pool, dev)
+        )
+        tokens += out.next_logits.argmax(-1).tolist()
+    prefill = time.perf_counter() - t
+    step_times = []
+    for _ in range(steps):
+        t = time.perf_counter()
+        for req, tok in zip(reqs, tokens):
+            req.output_ids.append(tok)
+        slots = runner.allocator.alloc(bs)
+        runner.req_to_token_pool.write_positions(
+            [r.req_pool_idx for r in reqs], [r.kv_len for r in reqs], slots
+        )
+        for req in reqs:
+            req.kv_len += 1
+        out = runner.forward(batching.decode_batch(reqs, slots, dev))
+        tokens = out.next_logits.argmax(-1).tolist()
+        step_times.append(time.perf_counter() - t)
+    graph_ms = graph_replay_ms(runner, bs)
+    for req in reqs:
+        runner.allocator.free(runner.req_to_token_pool.read(req.req_pool_idx, 0, req.kv_len))
+        runner.req_to_token_pool.free(req.req_pool_idx)
+    return prefill, statistics.median(step_times[2:] or step_times), graph_ms
+
+
+def graph_replay_ms(runner: ModelRunner, bs: int) -> float:
+    """GPU time of the decode graph alone (last plan reused): the step minus host work."""
+    graphs = runner.cuda_graphs
+    if graphs is None or bs not in graphs.graphs:
+        return float("nan")
+    graph = graphs.graphs[bs][0]
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    graph.replay()
+    start.record()
+    for _ in range(20):
+        graph.replay()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / 20
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--model-path", required=True)
+    p.add_argument("--load-format", default="dummy")
+    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--attention-backend", default=None)
+    p.add_argument("--disable-cuda-graph", action="store_true")
+    p.add_argument("--batch-sizes", default="1,8,32,64,128,256")
+    p.add_argument("--input-lens", default="128,1024")
+    p.add_argument("--decode-steps", type=int, default=24)
+    a = p.parse_args()
+    sizes = [int(x) for x in a.batch_sizes.split(",")]
+    lens = [int(x) for x in a.input_lens.split(",")]
+    args = ServerArgs(
+        model_path=a.model_path,
+        load_format=a.load_format,
+        dtype=a.dtype,
+        device=a.device,
+        attention_backend=a.attention_backend,
+        disable_cuda_graph=a.disable_cuda_graph,
+        max_running_requests=max(sizes),
+        context_length=max(lens) + a.decode_steps + 8,
+        max_total_tokens=max(sizes) * (max(lens) + a.decode_steps + 8) + 64,
+        cuda_graph_max_bs=max(sizes),
+    )
+    runner = ModelRunner(args, a.model_path)
+    cfg = runner.config
+    weight_bytes = sum(t.numel() * t.element_size() for t in runner.model.parameters())
+    kv_token = KVCachePool.bytes_per_token(
+        cfg.num_hidden_layers, cfg.num_key_value_heads, head_dim_of(cfg), runner.dtype
+    )
+    bw = copy_bandwidth(runner.device) if runner.device.type == "cuda" else float("nan")
+    print(
+        f"\nmodel {a.model_path} ({weight_bytes / 1e9:.2f} GB weights, {runner.dtype}), "
+        f"backend {type(runner.attn_backend).__name__}, cuda graphs "
+        f"{'on' if runner.cuda_graphs else 'off'}; copy bandwidth {bw / 1e12:.2f} TB/s"
+    )
+    print(
+        f"{'bs':>4} {'in':>5} {'prefill ms':>10} {'prefill tok/s':>13} {'decode ms':>9} "
+        f"{'decode tok/s':>12} {'graph ms':>8} {'floor ms':>8} {'floor/actual':>12}"
+    )
+    for input_len in lens:
+        for bs in sizes:
+            prefill, step, graph_ms = run_case(
+                runner, bs, input_len, a.decode_steps, args.max_prefill_tokens
+            )
+            ctx = input_len + a.decode_steps // 2
+            floor = (weight_bytes + bs * ctx * kv_token) / bw
+            print(
+                f"{bs:>4} {input_len:>5} {prefill * 1e3:>10.1f} {bs * input_len / prefill:>13.0f} "
+                f"{step * 1e3:>9.2f} {bs / step:>12.0f} {graph_ms:>8.2f} {floor * 1e3:>8.2f} "
+                f"{floor / step:>12.1%}"
+            )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,136 @@
+"""FlashInfer attention over the token-granular KV pool (a paged cache with page size 1).
+
+Each layer's K/V buffer (slots, kv_heads, head_dim) is viewed as (pages, 1, kv_heads,
+head_dim). A batch's page table is the concatenation of its requests' req_to_token rows:
+indptr from the host-side sequence lengths, indices gathered on the device. `plan` runs
+once per batch; every layer then calls `run` on the same plan.
+
+Decode under CUDA graphs uses one wrapper per captured batch size whose index buffers
+never move: `plan` (outside the graph) rewrites them before each replay.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import flashinfer
+import torch
+
+from loom.radix.pool import KVCachePool, ReqToTokenPool
+from loom.runtime.executor.forward_batch import ForwardBatch, ForwardMode
+from loom.runtime.layers.attention.base import Attention, AttentionBackend
+
+_WORKSPACE_BYTES = 256 << 20
+
+
+@dataclass
+class _Plan:
+    wrapper: object
+
+
+class FlashInferBackend(AttentionBackend):
+    supports_cuda_graph = True
+
+    def __init__(self, req_to_token_pool: ReqToTokenPool, kv_pool: KVCachePool, model):
+        super().__init__(req_to_token_pool, kv_pool)
+        layer = next(m for m in model.modules() if isinstance(m, Attention))
+        self.num_heads, self.num_kv_heads = layer.num_heads, layer.num_kv_heads
+        self.head_dim, self.scale = layer.head_dim, layer.scale
+        self.device = req_to_token_pool.req_to_token.device
+        self.dtype = kv_pool.dtype
+        self.workspace = torch.empty(_WORKSPACE_BYTES, dtype=torch.uint8, device=self.device)
+        # Tensor-core decode pays off once several query heads share a KV head.
+        self.tensor_core_decode = self.num_heads // self.num_kv_heads >= 4
+        self.prefill = flashinfer.BatchPrefillWithPagedKVCacheWrapper(self.workspace, "NHD")
+        self.decode_wrapper = self._decode_wrapper()
+        self.graph_wrappers: dict[int, object] = {}
+        self.caches = [
+            (k.view(k.shape[0], 1, *k.shape[1:]), v.view(v.shape[0], 1, *v.shape[1:]))
+            for k, v in zip(kv_pool.k_buffers, kv_pool.v_buffers)
+        ]
+
+    def _decode_wrapper(self, graph_bs: int | None = None, indices: torch.Tensor | None = None):
+        if graph_bs is None:
+            return flashinfer.BatchDecodeWithPagedKVCacheWrapper(
+                self.workspace, "NHD", use_tensor_cores=self.tensor_core_decode
+            )
+        dev = self.device
+        return flashinfer.BatchDecodeWithPagedKVCacheWrapper(
+            self.workspace,
+            "NHD",
+            use_cuda_graph=True,
+            use_tensor_cores=self.tensor_core_decode,
+            paged_kv_indptr_buffer=torch.zeros(graph_bs + 1, dtype=torch.int32, device=dev),
+            paged_kv_indices_buffer=indices,
+            paged_kv_last_page_len_buffer=torch.ones(graph_bs, dtype=torch.int32, device=dev),
+        )
+
+    def init_cuda_graph_wrapper(self, bs: int, indices: torch.Tensor) -> None:
+        """A decode wrapper for graphs of batch size bs; `indices` is a page-table buffer
+        shared by all sizes."""
+        self.graph_wrappers[bs] = self._decode_wrapper(bs, indices)
+
+    # ---- planning ------------------------------------------------------------------------
+
+    def _page_table(self, batch: ForwardBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """indptr (host, int32) and indices (device, int32) of the batch's KV slots.
+        Host indptrs let FlashInfer plan without waiting on the device."""
+        lens = torch.tensor(batch.seq_lens_cpu, dtype=torch.int32)
+        indptr = torch.zeros(len(lens) + 1, dtype=torch.int32)
+        torch.cumsum(lens, 0, out=indptr[1:])
+        total = int(indptr[-1])
+        lens_dev = batch.seq_lens.to(torch.int64)
+        rows = torch.repeat_interleave(
+            torch.arange(len(lens), device=self.device), lens_dev, output_size=total
+        )
+        starts = torch.repeat_interleave(
+            torch.cumsum(lens_dev, 0) - lens_dev, lens_dev, output_size=total
+        )
+        cols = torch.arange(total, device=self.device) - starts
+        table = self.req_to_token_pool.req_to_token
+        indices = table[batch.req_pool_indices[rows], cols].to(torch.int32)
+        return indptr, indices
+
+    def plan(self, batch: ForwardBatch) -> None:
+        indptr, indices = self._page_table(batch)
+        last_page_len = torch.ones(batch.batch_size, dtype=torch.int32)
+        common = dict(q_data_type=self.dtype, kv_data_type=self.dtype, sm_scale=self.scale)
+        if batch.mode is ForwardMode.DECODE:
+            wrapper = self.graph_wrappers[batch.batch_size] if batch.in_cuda_graph else None
+            wrapper = wrapper or self.decode_wrapper
+            wrapper.plan(
+                indptr,
+                indices,
+                last_page_len,
+                self.num_heads,
+                self.num_kv_heads,
+                self.head_dim,
+                1,
+                **common,
+            )
+        else:
+            qo = torch.tensor(batch.extend_seq_lens_cpu, dtype=torch.int32)
+            qo_indptr = torch.zeros(len(qo) + 1, dtype=torch.int32)
+            torch.cumsum(qo, 0, out=qo_indptr[1:])
+            wrapper = self.prefill
+            wrapper.plan(
+                qo_indptr,
+                indptr,
+                indices,
+                last_page_len,
+                self.num_heads,
+                self.num_kv_heads,
+                self.head_dim,
+                1,
+                causal=True,
+                **common,
+            )
+        batch.attn_metadata = _Plan(wrapper)
+
+    # ---- per layer -----------------------------------------------------------------------
+
+    def extend(self, q: torch.Tensor, layer: Attention, batch: ForwardBatch) -> torch.Tensor:
+        return batch.attn_metadata.wrapper.run(q.contiguous(), self.caches[layer.layer_id])
+
+    def decode(self, q: torch.Tensor, layer: Attention, batch: ForwardBatch) -> torch.Tensor:
+        return batch.attn_metadata.wrapper.run(q.contiguous(), self.caches[layer.layer_id])

@@ -1,0 +1,124 @@
+"""`loom serve` as a process, on a tiny Llama: the queue cap, a killed scheduler, shutdown by
+signal and by the parent's death with nothing left behind, a failed start."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+
+from loom.backends.runtime import Runtime, RuntimeStartError
+from tests.http_helpers import (
+    alive,
+    ipc_dirs,
+    is_idle,
+    server_info,
+    server_pids,
+    server_tmpdir,
+    sse_events,
+    wait_until,
+)
+
+SERVER_ARGS = dict(device="cpu", max_total_tokens=4096, grammar_backend="none")
+LONG = {"max_new_tokens": 1000, "ignore_eos": True, "temperature": 0}
+
+
+@pytest.fixture(scope="module")
+def folder(tiny_model_factory):
+    return tiny_model_factory("llama")
+
+
+@pytest.fixture(scope="module")
+def tmpdir_env():
+    with server_tmpdir() as root:
+        yield root
+
+
+@pytest.fixture(scope="module")
+def server(folder, tmpdir_env):
+    """One server for the tests below, which run in file order: the last two break it on
+    purpose (kill its scheduler, then stop it with SIGINT). It runs one request at a time
+    and queues one more."""
+    rt = Runtime(folder, **SERVER_ARGS, max_running_requests=1, max_queued_requests=1)
+    yield rt
+    rt.shutdown()
+
+
+def test_requests_beyond_the_queue_cap_get_503(server):
+    url = server.url
+    body = {"input_ids": [5, 6, 7], "sampling_params": LONG, "stream": True}
+    with (
+        httpx.stream("POST", url + "/generate", json=body, timeout=30) as running,
+        httpx.stream("POST", url + "/generate", json=body, timeout=30) as queued,
+    ):
+        first = sse_events(running.iter_lines())  # kept: dropping it closes the response
+        next(first)
+        assert queued.status_code == 200
+        for path, request in [("/generate", {"text": "t5"}), ("/v1/completions", {"prompt": "t5"})]:
+            over = httpx.post(url + path, json=request, timeout=10)
+            assert over.status_code == 503
+            assert "at capacity" in over.json()["error"]["message"]
+    # Both clients left: their requests were aborted and the server takes new ones.
+    assert wait_until(lambda: is_idle(server_info(url)), 5.0)
+    ok = httpx.post(
+        url + "/generate", json={"text": "t5", "sampling_params": {"max_new_tokens": 1}}
+    )
+    assert ok.status_code == 200
+
+
+def test_a_killed_scheduler_turns_health_bad_and_fails_requests_fast(server):
+    url = server.url
+    scheduler = server_info(url)["process_ids"]["scheduler"]
+    body = {"input_ids": [5, 6, 7], "sampling_params": LONG, "stream": True}
+    with httpx.stream("POST", url + "/generate", json=body, timeout=30) as r:
+        events = sse_events(r.iter_lines())
+        next(events)
+        os.kill(scheduler, signal.SIGKILL)
+        rest = list(events)
+    assert rest[-1] == "[DONE]" and "scheduler" in rest[-2]["error"]["message"]
+    assert wait_until(lambda: httpx.get(url + "/health").status_code == 503, 5.0)
+    start = time.monotonic()
+    native = httpx.post(url + "/generate", json={"text": "t5"}, timeout=10)
+    completion = httpx.post(url + "/v1/completions", json={"prompt": "t5"}, timeout=10)
+    assert time.monotonic() - start < 2.0
+    for r in (native, completion):
+        assert r.status_code == 503
+        assert "scheduler process exited" in r.json()["error"]["message"]
+
+
+def test_sigint_stops_the_server_leaving_no_process_or_socket(server, tmpdir_env):
+    pids = server_pids(server.process.pid)
+    assert ipc_dirs(tmpdir_env)
+    server.process.send_signal(signal.SIGINT)
+    assert server.process.wait(timeout=20) == 0
+    assert not [p for p in pids if alive(p)]
+    assert ipc_dirs(tmpdir_env) == []
+
+
+def test_the_server_exits_when_the_program_that_started_it_dies(folder, tmpdir_env):
+    script = (
+        "import time\n"
+        "from loom.backends.runtime import Runtime\n"
+        f"rt = Runtime({folder!r}, **{SERVER_ARGS!r})\n"
+        "print(rt.url, flush=True)\n"
+        "time.sleep(600)\n"
+    )
+    program = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        url = program.stdout.readline().strip()
+        pids = list(server_info(url)["process_ids"].values())
+    finally:
+        program.kill()
+        program.wait()
+    assert wait_until(lambda: not [p for p in pids if alive(p)], 20.0)
+    assert ipc_dirs(tmpdir_env) == []
+
+
+def test_runtime_start_failure_shows_the_server_log(tmp_path):
+    with pytest.raises(RuntimeStartError, match="has no config.json"):
+        Runtime(str(tmp_path), **SERVER_ARGS)

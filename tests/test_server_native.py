@@ -1,0 +1,292 @@
+"""The native HTTP API of a live `loom serve` (started through loom.Runtime) on a tiny Llama:
+/generate single, batch and streamed, the Engine as reference, disconnects and aborts,
+health, info, cache and metrics endpoints, input errors."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import httpx
+import openai
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from loom.backends.runtime import Runtime
+from loom.runtime.engine import Engine
+from loom.runtime.sampling_params import InvalidRequestError
+from tests.http_helpers import (
+    alive,
+    ipc_dirs,
+    is_idle,
+    server_info,
+    server_pids,
+    server_tmpdir,
+    sse_events,
+    wait_until,
+)
+
+GREEDY = {"temperature": 0, "ignore_eos": True}
+SERVER_ARGS = dict(device="cpu", max_total_tokens=8192, grammar_backend="none")
+LONG = {**GREEDY, "max_new_tokens": 1000}  # the tiny model's context is 1024
+
+
+@pytest.fixture(scope="module")
+def folder(tiny_model_factory):
+    return tiny_model_factory("llama")
+
+
+@pytest.fixture(scope="module")
+def tmpdir_env():
+    with server_tmpdir() as root:
+        yield root
+
+
+@pytest.fixture(scope="module")
+def chat_template(tmp_path_factory) -> str:
+    """The tiny model has no chat template: one that joins the messages' words."""
+    path = tmp_path_factory.mktemp("template") / "words.jinja"
+    path.write_text("{% for m in messages %}{{ m['content'] }} {% endfor %}")
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def runtime(folder, tmpdir_env, chat_template):
+    with Runtime(folder, **SERVER_ARGS, chat_template=chat_template) as rt:
+        yield rt
+
+
+@pytest.fixture
+def url(runtime):
+    yield runtime.url
+    # every test leaves the server idle for the next
+    assert wait_until(lambda: is_idle(server_info(runtime.url)), 5.0)
+
+
+def words(ids: list[int]) -> str:
+    return " ".join(f"t{i}" for i in ids)
+
+
+def post(url: str, path: str, body, **kw) -> httpx.Response:
+    return httpx.post(url + path, json=body, timeout=30, **kw)
+
+
+def test_generate_returns_text_ids_and_meta(url):
+    r = post(
+        url,
+        "/generate",
+        {"input_ids": [5, 6, 7], "sampling_params": {**GREEDY, "max_new_tokens": 4}},
+    )
+    assert r.status_code == 200
+    out = r.json()
+    assert len(out["output_ids"]) == 4
+    assert out["text"] == words(out["output_ids"])
+    meta = out["meta_info"]
+    assert meta["prompt_tokens"] == 3 and meta["completion_tokens"] == 4
+    assert meta["finish_reason"] == {"type": "length", "matched": None}
+
+
+def test_generate_batch_returns_a_list_in_order(url):
+    prompts = [[5, 6, 7], [8, 9], [10, 11, 12, 13]]
+    params = {**GREEDY, "max_new_tokens": 3}
+    batch = post(url, "/generate", {"input_ids": prompts, "sampling_params": params}).json()
+    singles = [
+        post(url, "/generate", {"input_ids": p, "sampling_params": params}).json() for p in prompts
+    ]
+    assert [b["output_ids"] for b in batch] == [s["output_ids"] for s in singles]
+    assert [b["meta_info"]["prompt_tokens"] for b in batch] == [3, 2, 4]
+
+
+def test_stream_deltas_concatenate_to_the_result_and_end_with_done(url):
+    body = {"text": "t5 t6 t7", "sampling_params": {**GREEDY, "max_new_tokens": 6}}
+    whole = post(url, "/generate", body).json()
+    with httpx.stream("POST", url + "/generate", json={**body, "stream": True}) as r:
+        assert r.headers["content-type"].startswith("text/event-stream")
+        events = list(sse_events(r.iter_lines()))
+    assert events[-1] == "[DONE]"
+    chunks = events[:-1]
+    assert "".join(c["text"] for c in chunks) == whole["text"]
+    assert sum((c["output_ids"] for c in chunks), []) == whole["output_ids"]
+    assert chunks[-1]["meta_info"]["finish_reason"]["type"] == "length"
+
+
+def test_32_concurrent_streams_equal_the_engine_greedy_results(url, folder):
+    prompts = [words([5 + i, 7 + 2 * i, 100 + i]) for i in range(32)]
+    params = {**GREEDY, "max_new_tokens": 12}
+    with Engine(folder, **SERVER_ARGS) as engine:
+        expected = [r["text"] for r in engine.generate(prompts, params)]
+
+    async def stream_one(client: httpx.AsyncClient, prompt: str) -> str:
+        body = {"text": prompt, "sampling_params": params, "stream": True}
+        async with client.stream("POST", "/generate", json=body) as r:
+            events = [e async for e in _aevents(r)]
+        assert events[-1] == "[DONE]"
+        return "".join(e["text"] for e in events[:-1])
+
+    async def run() -> list[str]:
+        async with httpx.AsyncClient(base_url=url, timeout=60) as client:
+            return await asyncio.gather(*(stream_one(client, p) for p in prompts))
+
+    assert asyncio.run(run()) == expected
+
+
+async def _aevents(response: httpx.Response):
+    async for line in response.aiter_lines():
+        for event in sse_events([line]):
+            yield event
+
+
+def test_dropping_a_stream_aborts_it_and_frees_its_kv(url):
+    before = server_info(url)["generation_tokens_total"]
+    body = {"input_ids": [5, 6, 7], "sampling_params": LONG, "stream": True}
+    with httpx.stream("POST", url + "/generate", json=body, timeout=30) as r:
+        events = sse_events(r.iter_lines())
+        for _ in range(3):
+            next(events)
+    # Leaving the block closed the connection mid-stream.
+    assert wait_until(lambda: is_idle(server_info(url)), 2.0)
+    assert server_info(url)["generation_tokens_total"] - before < LONG["max_new_tokens"]
+
+
+def test_dropping_a_non_stream_request_aborts_it(url):
+    before = server_info(url)["generation_tokens_total"]
+    body = {"input_ids": [5, 6, 7], "sampling_params": LONG}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(url + "/generate", json=body, timeout=httpx.Timeout(10, read=0.3))
+    assert wait_until(lambda: is_idle(server_info(url)), 2.0)
+    assert server_info(url)["generation_tokens_total"] - before < LONG["max_new_tokens"]
+
+
+def test_abort_request_ends_a_running_stream_with_abort(url):
+    body = {"input_ids": [5, 6, 7], "sampling_params": LONG, "stream": True, "rid": "stop-me"}
+    with httpx.stream("POST", url + "/generate", json=body, timeout=30) as r:
+        events = sse_events(r.iter_lines())
+        next(events)
+        aborted = post(url, "/abort_request", {"rid": "stop-me"})
+        assert aborted.status_code == 200 and aborted.json() == {"aborted": ["stop-me"]}
+        rest = list(events)
+    assert rest[-1] == "[DONE]"
+    assert rest[-2]["meta_info"]["finish_reason"]["type"] == "abort"
+    assert post(url, "/abort_request", {"rid": "stop-me"}).status_code == 404
+
+
+@pytest.mark.parametrize(
+    "body, message",
+    [
+        (b"{", "not valid JSON"),
+        ([1, 2], "JSON object"),
+        ({}, "exactly one of"),
+        ({"text": "t5", "prompt": "t5"}, "unknown field"),
+        ({"text": "t5", "stream": "yes"}, "stream"),
+        ({"text": "t5", "rid": 7}, "rid"),
+        ({"text": "t5", "sampling_params": {"temperature": "hot"}}, "temperature"),
+        ({"text": "t5", "sampling_params": {"max_tokens": 3}}, "unknown sampling parameter"),
+        ({"text": ""}, "empty"),
+        ({"input_ids": [5] * 1100}, "context length"),
+        ({"input_ids": [5, 9999]}, "outside"),
+    ],
+)
+def test_bad_requests_get_400_saying_what_to_fix(url, body, message):
+    if isinstance(body, bytes):
+        r = httpx.post(url + "/generate", content=body, timeout=10)
+    else:
+        r = post(url, "/generate", body)
+    assert r.status_code == 400
+    assert message in r.json()["error"]["message"]
+
+
+def test_health_and_health_generate_are_ok(url):
+    assert httpx.get(url + "/health").status_code == 200
+    assert httpx.get(url + "/health_generate", timeout=30).status_code == 200
+
+
+def test_model_info_and_server_info_describe_the_server(url, folder):
+    model = httpx.get(url + "/model_info").json()
+    assert model["model_path"] == folder and model["context_length"] == 1024
+    info = server_info(url)
+    assert info["max_total_tokens"] == 8192 and info["args"]["max_total_tokens"] == 8192
+    assert info["available_tokens"] + info["cache_tokens"] == info["max_total_tokens"]
+    assert set(info["process_ids"]) == {"server", "scheduler", "detokenizer"}
+
+
+def test_flush_cache_empties_the_prefix_cache(url):
+    post(url, "/generate", {"input_ids": [9, 8, 7, 6], "sampling_params": {"max_new_tokens": 2}})
+    assert server_info(url)["cache_tokens"] > 0
+    assert httpx.post(url + "/flush_cache").status_code == 200
+    assert server_info(url)["cache_tokens"] == 0
+
+
+def test_metrics_report_load_tokens_and_latencies(url):
+    body = {"input_ids": [5, 6, 7], "sampling_params": {**GREEDY, "max_new_tokens": 3}}
+    with httpx.stream("POST", url + "/generate", json={**body, "stream": True}) as r:
+        list(r.iter_lines())
+    text = httpx.get(url + "/metrics").text
+    samples = {
+        s.name: s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+        if not s.labels or "le" not in s.labels
+    }
+    assert samples["loom_scheduler_up"] == 1
+    assert samples["loom_num_running_requests"] == 0
+    assert samples["loom_prompt_tokens_total"] >= 3
+    assert samples["loom_generation_tokens_total"] >= 3
+    assert 0 <= samples["loom_cache_hit_rate"] <= 1
+    assert samples["loom_time_to_first_token_seconds_count"] >= 1
+    assert samples["loom_inter_token_latency_seconds_count"] >= 1
+    assert samples["loom_e2e_request_latency_seconds_count"] >= 1
+
+
+def test_runtime_endpoint_generates_like_the_engine(runtime):
+    endpoint = runtime.endpoint
+    params = {**GREEDY, "max_new_tokens": 4}
+    out = endpoint.generate("t5 t6 t7", params)
+    chunks = list(endpoint.generate("t5 t6 t7", params, stream=True))
+    assert "".join(c["text"] for c in chunks) == out["text"] == words(out["output_ids"])
+    with pytest.raises(InvalidRequestError, match="top_p"):
+        endpoint.generate("t5", {"top_p": 0})
+    assert endpoint.health()
+
+
+def test_requests_while_others_stream_are_served(url):
+    body = {
+        "input_ids": [5, 6, 7],
+        "sampling_params": {**GREEDY, "max_new_tokens": 200},
+        "stream": True,
+    }
+    with httpx.stream("POST", url + "/generate", json=body, timeout=30) as r:
+        events = sse_events(r.iter_lines())
+        next(events)
+        start = time.monotonic()
+        quick = post(url, "/generate", {"input_ids": [9], "sampling_params": {"max_new_tokens": 1}})
+        assert quick.status_code == 200 and time.monotonic() - start < 5
+        assert list(events)[-1] == "[DONE]"
+
+
+def test_chat_template_flag_renders_the_conversation(url):
+    client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0)
+    messages = [{"role": "user", "content": "t5 t6"}, {"role": "user", "content": "t7"}]
+    chat = client.chat.completions.create(
+        model=client.models.list().data[0].id,
+        messages=messages,
+        max_tokens=4,
+        temperature=0,
+        extra_body={"ignore_eos": True},
+    )
+    assert chat.usage.prompt_tokens == 3
+    same = post(
+        url,
+        "/generate",
+        {"input_ids": [5, 6, 7], "sampling_params": {**GREEDY, "max_new_tokens": 4}},
+    )
+    assert chat.choices[0].message.content == same.json()["text"]
+
+
+def test_runtime_shutdown_leaves_no_process_or_socket(runtime, tmpdir_env):
+    """Last: stops the module's server."""
+    pids = server_pids(runtime.process.pid)
+    assert len(pids) == 3 and ipc_dirs(tmpdir_env)
+    runtime.shutdown()
+    assert runtime.process.returncode == 0
+    assert not [p for p in pids if alive(p)]
+    assert ipc_dirs(tmpdir_env) == []

@@ -1,0 +1,214 @@
+"""The official `openai` client against a live `loom serve` on the embedded SmolLM2-135M-Instruct
+(it has a chat template): chat and completions, streamed and not, n, stop, logprobs,
+constrained output, usage, and errors with their status codes."""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+import jsonschema
+import openai
+import pytest
+from transformers import AutoTokenizer
+
+from loom.backends.runtime import Runtime
+
+CONTEXT = 2048
+ASK = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+@pytest.fixture(scope="module")
+def runtime(default_model_dir):
+    with Runtime(
+        default_model_dir, device="cpu", max_total_tokens=8192, context_length=CONTEXT
+    ) as rt:
+        yield rt
+
+
+@pytest.fixture(scope="module")
+def client(runtime) -> openai.OpenAI:
+    return openai.OpenAI(base_url=runtime.url + "/v1", api_key="none", max_retries=0, timeout=60)
+
+
+@pytest.fixture(scope="module")
+def model(client) -> str:
+    return client.models.list().data[0].id
+
+
+@pytest.fixture(scope="module")
+def tokenizer(default_model_dir):
+    return AutoTokenizer.from_pretrained(default_model_dir)
+
+
+def test_models_lists_the_served_model(client, default_model_dir):
+    models = client.models.list().data
+    assert [m.id for m in models] == [default_model_dir]
+
+
+def test_chat_completion_answers_with_usage(client, model, tokenizer):
+    r = client.chat.completions.create(model=model, messages=ASK, max_tokens=8, temperature=0)
+    choice = r.choices[0]
+    assert choice.message.role == "assistant" and choice.message.content
+    prompt = tokenizer.apply_chat_template(
+        ASK, add_generation_prompt=True, tokenize=True, return_dict=False
+    )
+    assert r.usage.prompt_tokens == len(prompt)
+    end_of_turn = 1 if choice.finish_reason == "stop" else 0  # the stop token counts too
+    answer = tokenizer(choice.message.content).input_ids
+    assert r.usage.completion_tokens == len(answer) + end_of_turn <= 8
+    assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
+    assert choice.finish_reason in ("stop", "length")
+
+
+def test_chat_stream_matches_the_non_stream_answer_and_reports_usage(client, model):
+    args = dict(model=model, messages=ASK, max_tokens=8, temperature=0)
+    whole = client.chat.completions.create(**args)
+    chunks = list(
+        client.chat.completions.create(**args, stream=True, stream_options={"include_usage": True})
+    )
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == whole.choices[0].message.content
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == whole.choices[
+        0
+    ].finish_reason
+    assert (
+        chunks[-1].choices == []
+        and chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+    )
+
+
+def test_completion_n2_gives_two_choices_and_counts_the_prompt_once(client, model):
+    r = client.completions.create(
+        model=model, prompt="Once upon a time", max_tokens=4, n=2, temperature=1.0, seed=7
+    )
+    assert sorted(c.index for c in r.choices) == [0, 1]
+    assert r.choices[0].text != r.choices[1].text  # seeds 7 and 8
+    assert r.usage.prompt_tokens == 4
+    assert r.usage.completion_tokens == 8
+
+
+def test_completion_stream_n2_gives_both_choices(client, model):
+    stream = client.completions.create(
+        model=model, prompt="Once upon a time", max_tokens=4, n=2, temperature=0, stream=True
+    )
+    texts = {0: "", 1: ""}
+    for chunk in stream:
+        for c in chunk.choices:
+            texts[c.index] += c.text
+    assert texts[0] == texts[1] != ""
+
+
+def test_stop_string_ends_the_completion_before_it(client, model):
+    args = dict(
+        model=model, prompt="The days of the week are Monday,", max_tokens=10, temperature=0
+    )
+    full = client.completions.create(**args).choices[0].text
+    stop = full.strip().split()[2]
+    r = client.completions.create(**args, stop=[stop])
+    assert r.choices[0].finish_reason == "stop"
+    assert r.choices[0].text == full[: full.index(stop)]
+
+
+def test_chat_logprobs_give_each_token_with_its_alternatives(client, model):
+    r = client.chat.completions.create(
+        model=model, messages=ASK, max_tokens=6, temperature=0, logprobs=True, top_logprobs=3
+    )
+    content = r.choices[0].logprobs.content
+    assert "".join(t.token for t in content) == r.choices[0].message.content
+    for t in content:
+        assert len(t.top_logprobs) == 3
+        # greedy: the chosen token is the most likely one
+        assert t.logprob == pytest.approx(max(a.logprob for a in t.top_logprobs), abs=1e-5)
+
+
+def test_completion_logprobs_line_up_with_the_text(client, model):
+    r = client.completions.create(
+        model=model, prompt="1, 2, 3,", max_tokens=5, temperature=0, logprobs=2
+    )
+    lp = r.choices[0].logprobs
+    assert "".join(lp.tokens) == r.choices[0].text
+    assert len(lp.token_logprobs) == len(lp.top_logprobs) == len(lp.text_offset) == 5
+    assert all(len(top) == 2 for top in lp.top_logprobs)
+
+
+def test_response_format_json_schema_output_validates(client, model):
+    schema = {
+        "type": "object",
+        "properties": {
+            "city": {"type": "string", "maxLength": 20},
+            "country": {"type": "string", "maxLength": 20},
+        },
+        "required": ["city", "country"],
+        "additionalProperties": False,
+    }
+    r = client.chat.completions.create(
+        model=model,
+        messages=[{"role": "user", "content": "Name the capital of France as JSON."}],
+        max_tokens=48,
+        temperature=0,
+        response_format={
+            "type": "json_schema",
+            "json_schema": {"name": "capital", "schema": schema, "strict": True},
+        },
+    )
+    assert r.choices[0].finish_reason == "stop"
+    jsonschema.validate(json.loads(r.choices[0].message.content), schema)
+
+
+def test_extra_body_regex_constrains_the_answer(client, model):
+    r = client.chat.completions.create(
+        model=model,
+        messages=[{"role": "user", "content": "Is Paris in France? Answer yes or no."}],
+        max_tokens=4,
+        temperature=0,
+        extra_body={"regex": "(yes|no)", "top_k": 5, "min_p": 0.01},
+    )
+    assert r.choices[0].message.content in ("yes", "no")
+
+
+def test_a_repeated_prompt_reports_cached_tokens(client, model):
+    prompt = "A long shared preamble about the history of France. " * 4
+    client.completions.create(model=model, prompt=prompt, max_tokens=1)
+    again = client.completions.create(model=model, prompt=prompt, max_tokens=1)
+    cached = again.usage.prompt_tokens_details.cached_tokens
+    assert again.usage.prompt_tokens - 1 <= cached <= again.usage.prompt_tokens
+
+
+@pytest.mark.parametrize(
+    "call, error, message",
+    [
+        (dict(model="no-such-model"), openai.NotFoundError, "does not exist"),
+        (dict(temperature="hot"), openai.BadRequestError, "temperature"),
+        (dict(max_tokens=CONTEXT + 1), openai.BadRequestError, "context length"),
+        (dict(messages=[]), openai.BadRequestError, "messages"),
+        (dict(extra_body={"frobnicate": 1}), openai.BadRequestError, "frobnicate"),
+        (
+            dict(tools=[{"type": "function", "function": {"name": "f"}}]),
+            openai.BadRequestError,
+            "tool",
+        ),
+        (dict(response_format={"type": "xml"}), openai.BadRequestError, "response_format"),
+    ],
+)
+def test_chat_errors_have_status_codes_and_say_what_to_fix(client, model, call, error, message):
+    args = {"model": model, "messages": ASK, "max_tokens": 2, **call}
+    with pytest.raises(error) as info:
+        client.chat.completions.create(**args)
+    assert message in info.value.body["message"]
+
+
+def test_completion_errors_have_status_codes(client, model):
+    with pytest.raises(openai.BadRequestError, match="empty"):
+        client.completions.create(model=model, prompt="", max_tokens=2)
+    with pytest.raises(openai.BadRequestError, match="context length"):
+        client.completions.create(model=model, prompt="hi " * (CONTEXT + 10), max_tokens=2)
+    with pytest.raises(openai.BadRequestError, match="echo"):
+        client.completions.create(model=model, prompt="hi", max_tokens=2, echo=True)
+
+
+def test_malformed_json_body_is_a_400(runtime):
+    r = httpx.post(runtime.url + "/v1/chat/completions", content=b"{nope", timeout=10)
+    assert r.status_code == 400
+    assert "not valid JSON" in r.json()["error"]["message"]
