@@ -8,9 +8,9 @@ import torch
 
 from loom.runtime.args import ServerArgs
 from loom.runtime.executor.model_runner import ModelRunner
+from loom.runtime.sampling_params import SamplingParams
 from loom.runtime.scheduler import batch as batching
 from loom.runtime.scheduler.request import Req
-from loom.runtime.sampling_params import SamplingParams
 from tests.test_models import make_scheduler, run_scheduler
 from tests.tiny_models import VOCAB, word_tokenizer
 
