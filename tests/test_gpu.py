@@ -25,9 +25,15 @@ def gpu_model(request, tmp_path_factory):
     head_dim = request.param
     folder = str(tmp_path_factory.mktemp(f"gpu-llama-{head_dim}"))
     config = LlamaConfig(
-        hidden_size=8 * head_dim, intermediate_size=1024, num_hidden_layers=4,
-        num_attention_heads=8, num_key_value_heads=2, vocab_size=VOCAB,
-        max_position_embeddings=2048, eos_token_id=VOCAB - 1, bos_token_id=1,
+        hidden_size=8 * head_dim,
+        intermediate_size=1024,
+        num_hidden_layers=4,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        vocab_size=VOCAB,
+        max_position_embeddings=2048,
+        eos_token_id=VOCAB - 1,
+        bos_token_id=1,
     )
     torch.manual_seed(0)
     AutoModelForCausalLM.from_config(config).save_pretrained(folder)
@@ -36,8 +42,14 @@ def gpu_model(request, tmp_path_factory):
 
 
 def _runner(folder: str, backend: str) -> ModelRunner:
-    args = ServerArgs(model_path=folder, device="cuda", dtype="bfloat16", attention_backend=backend,
-                      max_total_tokens=8192, disable_cuda_graph=True)
+    args = ServerArgs(
+        model_path=folder,
+        device="cuda",
+        dtype="bfloat16",
+        attention_backend=backend,
+        max_total_tokens=8192,
+        disable_cuda_graph=True,
+    )
     return ModelRunner(args, folder)
 
 
@@ -49,7 +61,9 @@ def _prefill_then_decode(runner: ModelRunner, prompts: list[list[int]]) -> list[
         runner.req_to_token_pool.write(req.req_pool_idx, 0, runner.allocator.alloc(len(p)))
         req.kv_len = len(p)
         reqs.append(req)
-    out = runner.forward(batching.extend_batch(reqs, [0] * len(reqs), runner.req_to_token_pool, "cuda"))
+    out = runner.forward(
+        batching.extend_batch(reqs, [0] * len(reqs), runner.req_to_token_pool, "cuda")
+    )
     logits = [out.next_logits]
     for req, row in zip(reqs, out.next_logits):
         req.output_ids.append(int(row.argmax()))
@@ -72,13 +86,20 @@ def test_flashinfer_matches_torch_native(gpu_model):
 
 def test_cuda_graph_decoding_gives_the_eager_tokens(gpu_model):
     g = torch.Generator().manual_seed(2)
-    prompts = [torch.randint(2, VOCAB - 2, (int(n),), generator=g).tolist()
-               for n in torch.randint(4, 200, (13,), generator=g)]  # 13: a padded graph size
+    prompts = [
+        torch.randint(2, VOCAB - 2, (int(n),), generator=g).tolist()
+        for n in torch.randint(4, 200, (13,), generator=g)
+    ]  # 13: a padded graph size
     params = dict(max_new_tokens=24, temperature=0, ignore_eos=True)
     outs = {}
     for disable in (True, False):
-        sched = make_scheduler(gpu_model, device="cuda", dtype="bfloat16",
-                               attention_backend="flashinfer", disable_cuda_graph=disable)
+        sched = make_scheduler(
+            gpu_model,
+            device="cuda",
+            dtype="bfloat16",
+            attention_backend="flashinfer",
+            disable_cuda_graph=disable,
+        )
         assert (sched.runner.cuda_graphs is None) == disable
         outs[disable] = run_scheduler(sched, prompts, params, arrive_every=1)
     for rid in outs[True]:
@@ -93,5 +114,7 @@ def test_fused_cuda_layers_match_transformers(gpu_model):
     prompts = [torch.randint(2, VOCAB - 2, (int(n),), generator=g).tolist() for n in (9, 77)]
     got = _prefill_then_decode(_runner(gpu_model, "flashinfer"), prompts)[0]
     with torch.no_grad():
-        ref = torch.stack([hf(torch.tensor([p], device="cuda")).logits[0, -1].float() for p in prompts])
+        ref = torch.stack(
+            [hf(torch.tensor([p], device="cuda")).logits[0, -1].float() for p in prompts]
+        )
     torch.testing.assert_close(got, ref, atol=6e-2, rtol=3e-2)

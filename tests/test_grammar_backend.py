@@ -12,7 +12,6 @@ import torch
 
 from loom.constrain.base import GrammarError
 from loom.constrain.factory import create_grammar_backend
-from loom.constrain.jump_forward import jump_forward_tokens
 from loom.constrain.xgrammar_backend import (
     DEFAULT_MAX_WHITESPACE,
     XGrammarBackend,
@@ -305,49 +304,6 @@ def test_jump_forward_string_of_fixed_keys_contains_the_key(backend):
     assert "name" in matcher.find_jump_forward_string()
     assert matcher.accept_string('name": "Al", "')
     assert "age" in matcher.find_jump_forward_string()
-
-
-@pytest.mark.parametrize(
-    "output, forced",
-    [
-        ('{"na', 'me": '),  # merges across the boundary: 'na' + 'me' -> 'name'
-        ('{"', 'name": "'),
-        ('{"name": "John", "', 'age": '),
-        ("hello", " world"),
-        ("", '{"name'),
-    ],
-)
-def test_jump_forward_retokenizes_like_the_tokenizer(tokenizer, output, forced):
-    ids = tokenizer.encode(output)
-    jump = jump_forward_tokens(tokenizer, ids, forced)
-    spliced = ids[: len(ids) - jump.num_dropped] + jump.token_ids
-    assert spliced == tokenizer.encode(output + forced)
-    assert tokenizer.decode(spliced) == output + forced
-
-
-def test_jump_forward_drops_only_tokens_that_change(tokenizer):
-    ids = tokenizer.encode('{"na')
-    jump = jump_forward_tokens(tokenizer, ids, 'me": ')
-    assert jump.num_dropped == len(ids) - 1  # '{"' stays, the 'na' pieces are replaced
-    assert jump_forward_tokens(tokenizer, tokenizer.encode('{"'), 'name"').num_dropped == 0
-
-
-def test_jump_forward_is_skipped_inside_a_multibyte_character(tokenizer):
-    ids = tokenizer.encode("ab 💩")
-    assert len(ids) > 3  # the emoji spans several byte tokens
-    assert jump_forward_tokens(tokenizer, ids[:-1], "x").is_noop
-
-
-def test_jump_forward_spliced_tokens_are_accepted_by_the_matcher(backend, tokenizer):
-    matcher = backend.get_matcher("json_schema", PERSON).result(timeout=10)
-    ids = tokenizer.encode('{"na')
-    assert all(matcher.accept_token(t) for t in ids)
-    forced = matcher.find_jump_forward_string()
-    assert forced.startswith('me"')
-    jump = jump_forward_tokens(tokenizer, ids, forced)
-    matcher.rollback(jump.num_dropped)
-    assert all(matcher.accept_token(t) for t in jump.token_ids)
-    assert matcher.find_jump_forward_string() == ""  # whitespace or ':' may follow
 
 
 # -- factory ---------------------------------------------------------------------------

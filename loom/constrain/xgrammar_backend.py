@@ -65,7 +65,7 @@ class XGrammarMatcher(GrammarMatcher):
         return self._matcher.find_jump_forward_string()
 
     def accept_string(self, text: str) -> bool:
-        """Advance by raw text (tests and jump-forward bookkeeping)."""
+        """Advance by raw text (tests)."""
         return self._matcher.accept_string(text)
 
 
@@ -225,7 +225,7 @@ def validate_constraint(
         raise GrammarError(f"{kind} must be a string")
     try:
         if kind == "json_schema":
-            check_schema(text, lenient)
+            _check_pattern_repeats(check_schema(text, lenient))
             json_schema_grammar(text, max_whitespace)
         elif kind == "regex":
             _check_escapes(text)
@@ -238,6 +238,31 @@ def validate_constraint(
         raise
     except Exception as e:  # xgrammar's parse errors are RuntimeError subclasses
         raise GrammarError(_describe(kind, text, e)) from e
+
+
+# xgrammar 0.2.8 converts a JSON-schema `pattern` in time quadratic in its counted
+# repetition bounds ({0,3000}: 0.5 s; {0,30000}: minutes), and validation runs it in the
+# request's path: larger bounds are refused up front.
+MAX_PATTERN_REPEAT = 1000
+_COUNTED_REPEAT = re.compile(r"(?<!\\)\{(\d+)(?:,(\d*))?\}")
+
+
+def _check_pattern_repeats(node: Any, path: str = "") -> None:
+    if isinstance(node, list):
+        for i, item in enumerate(node):
+            _check_pattern_repeats(item, f"{path}/{i}")
+    if not isinstance(node, dict):
+        return
+    for key, value in node.items():
+        if key == "pattern" and isinstance(value, str):
+            bounds = [int(n) for m in _COUNTED_REPEAT.finditer(value) for n in m.groups() if n]
+            if max(bounds, default=0) > MAX_PATTERN_REPEAT:
+                raise GrammarError(
+                    f"json_schema pattern at {path or 'the schema root'} repeats up to "
+                    f"{max(bounds)} times; loom allows {MAX_PATTERN_REPEAT} (compile cost)"
+                )
+        else:
+            _check_pattern_repeats(value, f"{path}/{key}")
 
 
 def _check_escapes(regex: str) -> None:

@@ -64,7 +64,7 @@ class ServerArgs:
 
     # Constrained decoding
     grammar_backend: str = _arg("xgrammar", "grammar engine", ("xgrammar", "none"))
-    enable_jump_forward: bool = _arg(False, "append grammar-forced text in one extend step")
+    enable_jump_forward: bool = _arg(True, "run grammar-forced text as a verified draft")
     grammar_compile_timeout: float = _arg(30.0, "seconds a grammar may take to compile")
 
     # Server
@@ -98,8 +98,9 @@ class ServerArgs:
         for f in dataclasses.fields(cls):
             flag = "--" + f.name.replace("_", "-")
             help_text = f.metadata.get("help", "")
-            if hints[f.name] is bool:
-                parser.add_argument(flag, action="store_true", help=help_text)
+            if hints[f.name] is bool:  # one on by default also gets --no-<flag>
+                action = argparse.BooleanOptionalAction if f.default else "store_true"
+                parser.add_argument(flag, action=action, default=f.default, help=help_text)
                 continue
             parser.add_argument(
                 flag,

@@ -21,7 +21,12 @@ except ImportError:  # CPU installs, or CUDA without the flashinfer extra
 
 
 def available(x: torch.Tensor) -> bool:
-    return not _DISABLED and _fi_norm is not None and x.is_cuda and x.dtype in (torch.float16, torch.bfloat16)
+    return (
+        not _DISABLED
+        and _fi_norm is not None
+        and x.is_cuda
+        and x.dtype in (torch.float16, torch.bfloat16)
+    )
 
 
 def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

@@ -25,7 +25,8 @@ def extend_batch(
         ids.extend(req.fill_ids[start : req.kv_len])
         positions.extend(range(start, req.kv_len))
         ext_lens.append(req.kv_len - start)
-        logits_starts.append(prompt_logits_start(req, start))
+        # A jump-forward draft is verified against the logits at every position it runs.
+        logits_starts.append(0 if req.draft_len else prompt_logits_start(req, start))
     slots = torch.cat([pool.read(r.req_pool_idx, s, r.kv_len) for r, s in zip(reqs, starts)])
     return ForwardBatch(
         mode=ForwardMode.EXTEND,

@@ -1,48 +1,111 @@
-"""Jump-forward: when the grammar forces the next text whatever the model picks (the
-`"name": "` between two JSON fields), append it in one extend step instead of one decode
-step per token.
+"""Verified jump-forward: grammar-forced tokens run as a draft, checked like speculative
+decoding, so the output is token for token what decoding one step at a time gives.
 
-The forced text is tokenized as the tokenizer would (loom.constrain.jump_forward) and
-appended after the model's own tokens, minus its last token (see try_jump_forward).
+After a constrained request samples a token, the text its grammar forces next (the
+`"age": ` between two JSON fields) is tokenized (loom.constrain.jump_forward) and
+appended to output_ids as a draft (req.draft_len); the matcher does not see it. The
+next decode step runs as one
+extend batch: plain requests extend by their last token, drafted ones by their last
+token and the draft, with logits at every position. Then, per drafted request, row j
+(the logits after output + draft[:j]) is sampled exactly as a decode step would sample
+it: the same penalties, grammar mask, min_new_tokens bans, seed and step. The token is
+kept either way; verification goes on to row j + 1 only while it equals draft[j]. The
+first mismatch replaces the rest of the draft, and a fully confirmed draft ends with a
+bonus token from its last row. KV computed for dropped draft tokens is freed.
+
+Exactness does not depend on the draft: any draft gives the tokens sequential decoding
+gives (up to floating-point differences between the extend and decode kernels, the same
+as between batch sizes). A good draft only saves steps. This holds for penalties and
+logprobs too, because each row is sampled by the scheduler's own sampling path on the
+request's real state; no request is left out of jump-forward for using them. SGLang's jump-forward spliced the forced tokens in unverified and
+was removed because it changed outputs; this is what makes loom's safe to leave on.
 """
 
 from __future__ import annotations
 
-from loom.constrain.jump_forward import JumpForward, jump_forward_tokens
-from loom.runtime.scheduler.kv_ops import KVOps
+from typing import TYPE_CHECKING
+
+import torch
+
+from loom.constrain.jump_forward import forced_tokens
+from loom.runtime.scheduler import batch as batching
 from loom.runtime.scheduler.request import Req
 
+if TYPE_CHECKING:
+    from loom.runtime.scheduler.scheduler import Scheduler
 
-def try_jump_forward(req: Req, tokenizer, kv: KVOps) -> bool:
-    """Splice the grammar's forced text onto req; True when req now needs an extend step."""
-    forced = req.grammar.find_jump_forward_string()
-    if not forced:
-        return False
-    # The model's own tokens stay (window 0): it conditions on what it chose. The forced
-    # text's last token is held back so the model writes the boundary token itself: it may
-    # merge with what follows (`":` rather than `"` then `:`), which the grammar cannot know.
-    plan = jump_forward_tokens(tokenizer, req.output_ids, forced, window=0)
-    if len(plan.token_ids) < 2:
-        return False
-    plan = JumpForward(plan.num_dropped, plan.token_ids[:-1])
-    new_len = len(req.output_ids) - plan.num_dropped + len(plan.token_ids)
-    if new_len >= req.sampling.max_new_tokens:
-        return False  # the spliced text would overrun the budget: decode token by token
-    keep = len(req.origin_input_ids) + len(req.output_ids) - plan.num_dropped
-    if keep < len(req.prefix_indices):
-        return False  # the tokens to replace sit in the shared cache: leave them
-    req.grammar.rollback(plan.num_dropped)
-    for token in plan.token_ids:
-        if not req.grammar.accept_token(token):
-            # The retokenized text must spell the forced string; if the grammar disagrees,
-            # undo and continue token by token.
-            req.grammar.rollback(plan.token_ids.index(token))
-            dropped = req.output_ids[len(req.output_ids) - plan.num_dropped :]
-            for t in dropped:
-                req.grammar.accept_token(t)
+
+def drop_draft(req: Req) -> None:
+    """Forget req's unverified draft (the matcher never accepted it)."""
+    if req.draft_len:
+        del req.output_ids[-req.draft_len :]
+        req.draft_len = 0
+
+
+class JumpForward:
+    def __init__(self, sched: Scheduler):
+        self.sched = sched
+        self.drafted_tokens = 0  # draft tokens run through the model
+        self.accepted_tokens = 0  # of those, confirmed: one decode step saved each
+
+    def draft(self, req: Req) -> bool:
+        """Append the grammar's forced continuation to req as a draft; True if there is one."""
+        forced = req.grammar.find_jump_forward_string()
+        if not forced:
             return False
-    if plan.num_dropped:
-        del req.output_ids[-plan.num_dropped :]
-    req.output_ids.extend(plan.token_ids)
-    kv.truncate(req, min(req.kv_len, keep))
-    return True
+        # Draft token j is checked by the row that samples output token len + j + 1: rows
+        # past max_new_tokens or the context length would never be reached.
+        room = min(
+            req.sampling.max_new_tokens - len(req.output_ids),
+            self.sched.runner.context_len - req.seqlen,
+        )
+        tokens = forced_tokens(self.sched.tokenizer, req.output_ids, forced)
+        if len(tokens) > 1:
+            # The forced text's last token tends to merge with the free text after it
+            # (`"` then `:` is spelled `":`), which the grammar cannot know: most drafts
+            # would lose it in verification, at the cost of a row of compute.
+            tokens = tokens[:-1]
+        tokens = tokens[: max(room - 1, 0)]
+        if not tokens:
+            return False
+        req.output_ids.extend(tokens)
+        req.draft_len = len(tokens)
+        return True
+
+    def run_decode_step(self, reqs: list[Req]) -> None:
+        """The decode step of `reqs` when some hold drafts. Each already holds the KV slot
+        of its last token (alloc_decode_slots); drafted ones get slots for the draft too,
+        or lose the draft when the pool cannot give them."""
+        sched = self.sched
+        starts = [r.kv_len - 1 for r in reqs]
+        for req in reqs:
+            if req.draft_len and not sched.kv.extend(req, req.draft_len):
+                drop_draft(req)
+        batch = batching.extend_batch(reqs, starts, sched.runner.req_to_token_pool, sched.device)
+        out = sched.forward(batch)
+        plain = [i for i, r in enumerate(reqs) if not r.draft_len]
+        drafted = [i for i, r in enumerate(reqs) if r.draft_len]
+        sched.sample_and_advance([reqs[i] for i in plain], out.next_logits[plain])
+        for i in drafted:
+            self.verify(reqs[i], out.prompt_logits[i])
+
+    def verify(self, req: Req, logits: torch.Tensor) -> None:
+        """Keep the draft's tokens while the model samples them. logits: (draft_len + 1,
+        vocab), row j after output + draft[:j]. Leaves req as a decode step would: new
+        tokens appended and checked, KV held for all but the last."""
+        draft = req.output_ids[-req.draft_len :]
+        drop_draft(req)
+        sched = self.sched
+        accepted = 0
+        for j in range(len(draft) + 1):
+            token = sched.sample_tokens([req], logits[j : j + 1])[0]
+            sched.advance(req, token)
+            if j == len(draft) or token != draft[j]:
+                break  # a bonus token after a confirmed draft, or the model's own choice
+            accepted += 1
+            if req.finished:
+                break
+        self.drafted_tokens += len(draft)
+        self.accepted_tokens += accepted
+        sched.kv.truncate(req, req.seqlen - 1)
+        sched.settle(req)

@@ -116,8 +116,9 @@ class KVOps:
         while running:
             slots = self.alloc(len(running))
             if slots is not None:
-                for req, slot in zip(running, slots):
-                    self.pool.write(req.req_pool_idx, req.kv_len, slot.view(1))
+                rows = [r.req_pool_idx for r in running]
+                self.pool.write_positions(rows, [r.kv_len for r in running], slots)
+                for req in running:
                     req.kv_len += 1
                 return slots
             victim = min(running, key=lambda r: (len(r.output_ids), -r.arrival))

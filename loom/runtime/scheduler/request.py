@@ -57,8 +57,12 @@ class Req:
     wait_rounds: int = 0
     deferrals: int = 0
 
-    # Grammar matcher (constrained requests), set once its grammar compiled.
+    # Grammar matcher (constrained requests), set once its grammar compiled. It has
+    # accepted exactly the verified output tokens (never a draft's).
     grammar: Any = None
+    # Jump-forward: the last draft_len output_ids are grammar-forced tokens not yet checked
+    # against the model's own choices; the next decode step verifies them (jump_forward.py).
+    draft_len: int = 0
     schema_violation: str | None = None  # lenient JSON schema: what the output broke
 
     # Streaming bookkeeping: how much has been sent to the detokenizer.

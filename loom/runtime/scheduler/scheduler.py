@@ -19,13 +19,15 @@ from loom.constrain.schema_check import validate_output
 from loom.radix.base import PrefixCache
 from loom.runtime import messages as m
 from loom.runtime.args import ServerArgs
+from loom.runtime.executor.forward_batch import ForwardBatch
 from loom.runtime.executor.model_runner import LogitsOutput, ModelRunner
-from loom.runtime.executor.sampler import apply_penalties, sample, token_logprobs
+from loom.runtime.executor.sampler import apply_penalties, sample
 from loom.runtime.scheduler import batch as batching
 from loom.runtime.scheduler.admission import PrefillAdder
 from loom.runtime.scheduler.finish import FinishChecker
-from loom.runtime.scheduler.jump_forward import try_jump_forward
+from loom.runtime.scheduler.jump_forward import JumpForward, drop_draft
 from loom.runtime.scheduler.kv_ops import KVOps
+from loom.runtime.scheduler.logprobs import gather_output_logprobs, gather_prompt_logprobs
 from loom.runtime.scheduler.policy import SchedulePolicy
 from loom.runtime.scheduler.request import FinishReason, Req
 
@@ -46,13 +48,13 @@ class Scheduler:
             args, self.tokenizer, self.runner.vocab_size, self.eos_ids
         )
         self.chunk_size = _chunk_size(args, self.device)
+        self.jump = JumpForward(self) if args.enable_jump_forward else None
         self.rng = random.Random(args.random_seed)
 
         self.waiting: list[Req] = []
         self.running: list[Req] = []
         self.grammar_queue: list[tuple[Req, object, float]] = []  # (req, future, deadline)
         self.chunked: Req | None = None  # mid-prefill: gets its next chunk before others
-        self.jumped: list[Req] = []  # hold KV, need an extend for jump-forward tokens
         self.outbox: list[m.ReqOutput] = []
         self.last_was_extend = False
         # Share of running requests' remaining max_new_tokens reserved in admission:
@@ -64,6 +66,7 @@ class Scheduler:
             "prompt_tokens": 0,
             "generation_tokens": 0,
             "retractions": 0,
+            "forward_steps": 0,
         }
 
     # ---- requests in -------------------------------------------------------------------
@@ -116,17 +119,16 @@ class Scheduler:
                     self._finish(req, FinishReason("abort", None, "aborted by the client"))
         self.waiting = [r for r in self.waiting if r.rid != rid]
         self.grammar_queue = [g for g in self.grammar_queue if g[0].rid != rid]
-        for req in self.running + self.jumped + ([self.chunked] if self.chunked else []):
+        for req in self.running + ([self.chunked] if self.chunked else []):
             if req.rid == rid and not req.finished:
                 self._finish(req, FinishReason("abort", None, "aborted by the client"))
                 self.kv.release(req, finished=True)
         self.running = [r for r in self.running if not r.finished]
-        self.jumped = [r for r in self.jumped if not r.finished]
         if self.chunked is not None and self.chunked.finished:
             self.chunked = None
 
     def flush_cache(self) -> m.FlushCacheResult:
-        if self.running or self.chunked or self.waiting or self.jumped:
+        if self.running or self.chunked or self.waiting:
             return m.FlushCacheResult(False, "requests are in flight; flush when idle")
         self.kv.cache.reset()
         return m.FlushCacheResult(True)
@@ -138,7 +140,7 @@ class Scheduler:
             available_tokens=self.runner.allocator.available(),
             cache_tokens=cache.total_size(),
             evictable_tokens=cache.evictable_size(),
-            running_requests=len(self.running) + len(self.jumped) + (1 if self.chunked else 0),
+            running_requests=len(self.running) + (1 if self.chunked else 0),
             waiting_requests=len(self.waiting) + len(self.grammar_queue),
             context_length=self.runner.context_len,
             max_running_requests=self.runner.max_running_requests,
@@ -148,12 +150,13 @@ class Scheduler:
             generation_tokens_total=self.stats["generation_tokens"],
             retractions_total=self.stats["retractions"],
             evicted_tokens_total=self.kv.evicted_tokens,
+            forward_steps_total=self.stats["forward_steps"],
+            jump_forward_draft_tokens_total=self.jump.drafted_tokens if self.jump else 0,
+            jump_forward_tokens_total=self.jump.accepted_tokens if self.jump else 0,
         )
 
     def has_work(self) -> bool:
-        return bool(
-            self.waiting or self.running or self.chunked or self.jumped or self.grammar_queue
-        )
+        return bool(self.waiting or self.running or self.chunked or self.grammar_queue)
 
     def take_outputs(self) -> list[m.ReqOutput]:
         out, self.outbox = self.outbox, []
@@ -189,13 +192,9 @@ class Scheduler:
 
     def _run_extend_step(self) -> bool:
         adder = PrefillAdder(self, self.chunk_size)
-        resuming = ([self.chunked] if self.chunked else []) + self.jumped
-        self.chunked, self.jumped = None, []
-        for i, req in enumerate(resuming):
-            if adder.chunk_in_progress or adder.token_budget <= 0:
-                self.jumped.extend(resuming[i:])  # their turn comes next extend step
-                break
-            adder.continue_chunk(req)
+        chunked, self.chunked = self.chunked, None
+        if chunked is not None:
+            adder.continue_chunk(chunked)
         if not adder.chunk_in_progress and self.waiting:
             for req in self.policy.order(self.waiting):
                 if not adder.try_add(req):
@@ -207,8 +206,8 @@ class Scheduler:
         batch = batching.extend_batch(
             adder.reqs, adder.starts, self.runner.req_to_token_pool, self.device
         )
-        out = self.runner.forward(batch)
-        self._gather_prompt_logprobs(adder.reqs, adder.starts, out)
+        out = self.forward(batch)
+        gather_prompt_logprobs(adder.reqs, adder.starts, out)
         done = [r for r in adder.reqs if r.kv_len == r.seqlen]
         self.chunked = next((r for r in adder.reqs if r.kv_len < r.seqlen), None)
         for req in adder.reqs:  # siblings arriving from now on share these prompts at once
@@ -220,8 +219,8 @@ class Scheduler:
                 self.kv.release(req, finished=True)
         rows = [i for i, r in enumerate(adder.reqs) if r.kv_len == r.seqlen and not r.finished]
         done = [adder.reqs[i] for i in rows]
-        self._sample_and_advance(done, out.next_logits[rows])
-        self.running.extend(r for r in done if not r.finished and r not in self.jumped)
+        self.sample_and_advance(done, out.next_logits[rows])
+        self.running.extend(r for r in done if not r.finished)
         return True
 
     def _run_decode_step(self) -> None:
@@ -229,14 +228,21 @@ class Scheduler:
         if not self.running:
             return
         self.new_token_ratio = max(self.new_token_ratio - 0.001, 0.1 * self.init_token_ratio)
-        batch = batching.decode_batch(self.running, slots, self.device)
-        out = self.runner.forward(batch)
-        self._sample_and_advance(self.running, out.next_logits)
-        self.running = [r for r in self.running if not r.finished and r not in self.jumped]
+        if self.jump is not None and any(r.draft_len for r in self.running):
+            self.jump.run_decode_step(self.running)
+        else:
+            batch = batching.decode_batch(self.running, slots, self.device)
+            self.sample_and_advance(self.running, self.forward(batch).next_logits)
+        self.running = [r for r in self.running if not r.finished]
+
+    def forward(self, batch: ForwardBatch) -> LogitsOutput:
+        self.stats["forward_steps"] += 1
+        return self.runner.forward(batch)
 
     def retract(self, req: Req) -> None:
         """Preempt: free the request's KV and requeue it at the front; it restarts later
         from its tokens so far (the result is the same, only recomputed)."""
+        drop_draft(req)
         if not self.running and self.chunked is None and req.output_ids:
             # Nothing else holds KV: this request alone outgrew the pool.
             self._finish(req, FinishReason("length", None, "the KV cache is full"))
@@ -254,9 +260,16 @@ class Scheduler:
 
     # ---- tokens out --------------------------------------------------------------------
 
-    def _sample_and_advance(self, reqs: list[Req], logits: torch.Tensor) -> None:
+    def sample_and_advance(self, reqs: list[Req], logits: torch.Tensor) -> None:
+        for req, token in zip(reqs, self.sample_tokens(reqs, logits)):
+            self.advance(req, token)
+            self.settle(req)
+
+    @torch.inference_mode()  # penalties, bans and masks edit the runner's logits in place
+    def sample_tokens(self, reqs: list[Req], logits: torch.Tensor) -> list[int]:
+        """The next token of each request (logits row i is reqs[i]'s); records logprobs."""
         if not reqs:
-            return
+            return []
         logprob_rows = [i for i, r in enumerate(reqs) if r.return_logprob]
         raw = logits[logprob_rows].clone() if logprob_rows else None
         sb = batching.sampling_batch(reqs, self.runner.vocab_size, self.device, self.eos_ids)
@@ -264,24 +277,30 @@ class Scheduler:
         self._apply_grammar_masks(reqs, logits)
         next_ids = sample(logits, sb)
         if raw is not None:
-            self._gather_output_logprobs(reqs, logprob_rows, raw, next_ids[logprob_rows])
-        for req, token in zip(reqs, next_ids.tolist()):
-            req.output_ids.append(token)
-            self.stats["generation_tokens"] += 1
-            if req.grammar is not None and not req.grammar.accept_token(token):
-                self._finish(req, FinishReason("abort", None, "grammar rejected a sampled token"))
-            else:
-                reason = self.finish.check(req)
-                if reason is not None:
-                    self._finish(req, reason)
-            if req.finished:
-                self.kv.release(req, finished=True)
-                continue
-            if self.args.enable_jump_forward and req.grammar is not None:
-                if try_jump_forward(req, self.tokenizer, self.kv):
-                    self.jumped.append(req)
-            if req.stream:
-                self._emit(req)
+            gather_output_logprobs(reqs, logprob_rows, raw, next_ids[logprob_rows])
+        return next_ids.tolist()
+
+    def advance(self, req: Req, token: int) -> None:
+        """Append one sampled token; finish the request if it is done."""
+        req.output_ids.append(token)
+        self.stats["generation_tokens"] += 1
+        if req.grammar is not None and not req.grammar.accept_token(token):
+            self._finish(req, FinishReason("abort", None, "grammar rejected a sampled token"))
+            return
+        reason = self.finish.check(req)
+        if reason is not None:
+            self._finish(req, reason)
+
+    def settle(self, req: Req) -> None:
+        """After a request's new tokens: free it if finished, else stream them and draft
+        what its grammar forces next (jump-forward)."""
+        if req.finished:
+            self.kv.release(req, finished=True)
+            return
+        if req.stream:
+            self._emit(req)
+        if self.jump is not None and req.grammar is not None:
+            self.jump.draft(req)
 
     def _apply_grammar_masks(self, reqs: list[Req], logits: torch.Tensor) -> None:
         rows = [i for i, r in enumerate(reqs) if r.grammar is not None]
@@ -292,39 +311,8 @@ class Scheduler:
             reqs[i].grammar.fill_bitmask(bitmask, i)
         self.grammar.apply_bitmask(logits, bitmask, rows)
 
-    def _gather_output_logprobs(self, reqs, rows, raw, tokens) -> None:
-        k = max(reqs[i].top_logprobs_num for i in rows)
-        chosen, top_v, top_i = token_logprobs(raw, tokens, k)
-        chosen, tokens = chosen.tolist(), tokens.tolist()
-        top_v = top_v.tolist() if top_v is not None else None
-        top_i = top_i.tolist() if top_i is not None else None
-        for j, i in enumerate(rows):
-            req = reqs[i]
-            req.output_token_logprobs.append((chosen[j], tokens[j]))
-            n = req.top_logprobs_num
-            if n > 0:
-                req.output_top_logprobs.append(list(zip(top_v[j][:n], top_i[j][:n])))
-
-    def _gather_prompt_logprobs(self, reqs: list[Req], starts: list[int], out: LogitsOutput):
-        for req, start, logits in zip(reqs, starts, out.prompt_logits):
-            if logits is None:
-                continue
-            if req.logprob_start_len == 0 and start == 0:  # the first token has no logprob
-                req.input_token_logprobs.append((None, req.origin_input_ids[0]))
-                if req.top_logprobs_num:
-                    req.input_top_logprobs.append(None)
-            first_pos = start + batching.prompt_logits_start(req, start)
-            n = min(logits.shape[0], len(req.origin_input_ids) - 1 - first_pos)
-            targets = torch.tensor(
-                req.origin_input_ids[first_pos + 1 : first_pos + 1 + n], device=logits.device
-            )
-            chosen, top_v, top_i = token_logprobs(logits[:n], targets, req.top_logprobs_num)
-            req.input_token_logprobs.extend(zip(chosen.tolist(), targets.tolist()))
-            if top_v is not None:
-                for vals, ids in zip(top_v.tolist(), top_i.tolist()):
-                    req.input_top_logprobs.append(list(zip(vals, ids)))
-
     def _finish(self, req: Req, reason: FinishReason) -> None:
+        drop_draft(req)  # only verified tokens are ever returned
         if req.grammar is not None and reason.type == "length" and not req.grammar.is_terminated():
             reason = FinishReason(
                 "length",

@@ -75,13 +75,11 @@ class FlashInferBackend(AttentionBackend):
     def _page_table(self, batch: ForwardBatch) -> tuple[torch.Tensor, torch.Tensor]:
         """indptr (host, int32) and indices (device, int32) of the batch's KV slots.
         Host indptrs let FlashInfer plan without waiting on the device."""
-        lens = torch.tensor(batch.seq_lens_cpu, dtype=torch.int32)
-        indptr = torch.zeros(len(lens) + 1, dtype=torch.int32)
-        torch.cumsum(lens, 0, out=indptr[1:])
+        indptr = _indptr(batch.seq_lens_cpu)
         total = int(indptr[-1])
         lens_dev = batch.seq_lens.to(torch.int64)
         rows = torch.repeat_interleave(
-            torch.arange(len(lens), device=self.device), lens_dev, output_size=total
+            torch.arange(batch.batch_size, device=self.device), lens_dev, output_size=total
         )
         starts = torch.repeat_interleave(
             torch.cumsum(lens_dev, 0) - lens_dev, lens_dev, output_size=total
@@ -98,23 +96,12 @@ class FlashInferBackend(AttentionBackend):
         if batch.mode is ForwardMode.DECODE:
             wrapper = self.graph_wrappers[batch.batch_size] if batch.in_cuda_graph else None
             wrapper = wrapper or self.decode_wrapper
-            wrapper.plan(
-                indptr,
-                indices,
-                last_page_len,
-                self.num_heads,
-                self.num_kv_heads,
-                self.head_dim,
-                1,
-                **common,
-            )
+            shape = (self.num_heads, self.num_kv_heads, self.head_dim, 1)
+            wrapper.plan(indptr, indices, last_page_len, *shape, **common)
         else:
-            qo = torch.tensor(batch.extend_seq_lens_cpu, dtype=torch.int32)
-            qo_indptr = torch.zeros(len(qo) + 1, dtype=torch.int32)
-            torch.cumsum(qo, 0, out=qo_indptr[1:])
             wrapper = self.prefill
             wrapper.plan(
-                qo_indptr,
+                _indptr(batch.extend_seq_lens_cpu),
                 indptr,
                 indices,
                 last_page_len,
@@ -134,3 +121,10 @@ class FlashInferBackend(AttentionBackend):
 
     def decode(self, q: torch.Tensor, layer: Attention, batch: ForwardBatch) -> torch.Tensor:
         return batch.attn_metadata.wrapper.run(q.contiguous(), self.caches[layer.layer_id])
+
+
+def _indptr(lengths: list[int]) -> torch.Tensor:
+    """Host int32 prefix sums [0, l0, l0+l1, ...] (FlashInfer plans without a device sync)."""
+    out = torch.zeros(len(lengths) + 1, dtype=torch.int32)
+    torch.cumsum(torch.tensor(lengths, dtype=torch.int32), 0, out=out[1:])
+    return out

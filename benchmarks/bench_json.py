@@ -1,0 +1,208 @@
+"""JSON-schema decoding: throughput against unconstrained decoding of the same lengths,
+jump-forward on and off, and the grammar mask's cost per step.
+
+Runs the scheduler in this process (no server) so steps and mask time can be measured
+inside the loop. For each concurrency level, the same chat prompts run three ways:
+
+- json, jump-forward off: every token is a decode step with a grammar mask;
+- json, jump-forward on: grammar-forced drafts verified in the decode step (the output
+  must be identical to the run above; the script fails if it is not);
+- plain: no grammar, each request forced to the length of its JSON output
+  (min_new_tokens = max_new_tokens), so the model does the same work unmasked.
+
+    python benchmarks/bench_json.py --concurrency 1 8 --max-new-tokens 96
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from dataclasses import dataclass
+
+from loom.runtime import messages as m
+from loom.runtime.args import ServerArgs
+from loom.runtime.models.model_source import resolve_model_path
+from loom.runtime.sampling_params import SamplingParams
+from loom.runtime.scheduler.scheduler import Scheduler
+
+_STR = {"type": "string"}
+_INT = {"type": "integer"}
+CASES = [
+    (
+        "Describe a fictional person as JSON.",
+        {
+            "type": "object",
+            "properties": {"name": _STR, "age": {"type": "integer", "minimum": 0}, "city": _STR},
+            "required": ["name", "age", "city"],
+        },
+    ),
+    (
+        "Give the capital of France and its population as JSON.",
+        {
+            "type": "object",
+            "properties": {"country": _STR, "capital": _STR, "population": _INT},
+            "required": ["country", "capital", "population"],
+        },
+    ),
+    (
+        "Write a to-do item with up to three tags as JSON.",
+        {
+            "type": "object",
+            "properties": {
+                "title": _STR,
+                "tags": {"type": "array", "items": _STR, "maxItems": 3},
+                "priority": {"enum": ["low", "medium", "high"]},
+                "done": {"type": "boolean"},
+            },
+            "required": ["title", "tags", "priority", "done"],
+        },
+    ),
+    (
+        "Describe a book as JSON.",
+        {
+            "type": "object",
+            "properties": {
+                "title": _STR,
+                "author": {
+                    "type": "object",
+                    "properties": {"first_name": _STR, "last_name": _STR},
+                    "required": ["first_name", "last_name"],
+                },
+                "year": {"type": "integer", "minimum": 1400, "maximum": 2030},
+                "genre": {"enum": ["fiction", "non-fiction", "poetry", "science-fiction"]},
+            },
+            "required": ["title", "author", "year", "genre"],
+        },
+    ),
+]
+
+
+@dataclass
+class Run:
+    name: str
+    seconds: float
+    steps: int
+    tokens: int
+    outputs: list[list[int]]
+    mask_seconds: float = 0.0  # bitmask fill + apply, summed over the run
+    mask_rows: int = 0  # constrained rows masked (a verified draft masks one per row)
+    drafted: int = 0
+    accepted: int = 0
+
+
+def make_requests(sched: Scheduler, n: int, max_new: int, lengths=None) -> list[m.GenerateRequest]:
+    reqs = []
+    for i in range(n):
+        prompt, schema = CASES[i % len(CASES)]
+        ids = sched.tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}],
+            tokenize=True,
+            add_generation_prompt=True,
+            return_dict=False,
+        )
+        if lengths is None:
+            params = SamplingParams(
+                temperature=0, max_new_tokens=max_new, json_schema=json.dumps(schema)
+            )
+        else:  # the same work without a grammar: exactly the JSON run's length
+            params = SamplingParams(
+                temperature=0, max_new_tokens=lengths[i], min_new_tokens=lengths[i], ignore_eos=True
+            )
+        reqs.append(m.GenerateRequest(f"r{i}", ids, params))
+    return reqs
+
+
+def timed_masks(sched: Scheduler, run: Run) -> None:
+    """Wrap the scheduler's mask step (bitmask fill + apply) with a timer."""
+    inner = sched._apply_grammar_masks
+
+    def apply(reqs, logits):
+        start = time.perf_counter()
+        inner(reqs, logits)
+        run.mask_seconds += time.perf_counter() - start
+        run.mask_rows += sum(r.grammar is not None for r in reqs)
+
+    sched._apply_grammar_masks = apply
+
+
+def run_once(sched: Scheduler, name: str, reqs: list[m.GenerateRequest], concurrency: int) -> Run:
+    for req in reqs:  # compile grammars (cached) before the clock starts
+        if req.sampling.constraint:
+            sched.grammar.get_matcher(*req.sampling.constraint).result()
+    before = sched.server_info()
+    run = Run(name, 0.0, 0, 0, [])
+    timed_masks(sched, run)
+    outs: dict[str, list[int]] = {r.rid: [] for r in reqs}
+    start = time.perf_counter()
+    for first in range(0, len(reqs), concurrency):
+        for req in reqs[first : first + concurrency]:
+            sched.add_request(req)
+        while sched.has_work():
+            sched.step()
+            for o in sched.take_outputs():
+                outs[o.rid].extend(o.new_token_ids)
+    run.seconds = time.perf_counter() - start
+    del sched._apply_grammar_masks
+    after = sched.server_info()
+    run.steps = after.forward_steps_total - before.forward_steps_total
+    run.tokens = after.generation_tokens_total - before.generation_tokens_total
+    run.drafted = after.jump_forward_draft_tokens_total - before.jump_forward_draft_tokens_total
+    run.accepted = after.jump_forward_tokens_total - before.jump_forward_tokens_total
+    run.outputs = [outs[r.rid] for r in reqs]
+    return run
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model-path", default=None)
+    p.add_argument("--num-requests", type=int, default=8)
+    p.add_argument("--concurrency", type=int, nargs="+", default=[1, 8])
+    p.add_argument("--max-new-tokens", type=int, default=96)
+    p.add_argument("--device", default="auto")
+    args = p.parse_args()
+    folder = resolve_model_path(args.model_path)
+    common = dict(device=args.device, max_total_tokens=16384, disable_radix_cache=True)
+    off = Scheduler(ServerArgs(**common, enable_jump_forward=False), folder)
+    on = Scheduler(ServerArgs(**common, enable_jump_forward=True), folder)
+    warm = make_requests(off, 1, 4)
+    run_once(off, "warm-up", warm, 1), run_once(on, "warm-up", warm, 1)
+    rows = []
+    for conc in args.concurrency:
+        json_off = run_once(
+            off, "json", make_requests(off, args.num_requests, args.max_new_tokens), conc
+        )
+        json_on = run_once(
+            on,
+            "json + jump-forward",
+            make_requests(on, args.num_requests, args.max_new_tokens),
+            conc,
+        )
+        if json_on.outputs != json_off.outputs:
+            raise SystemExit(f"jump-forward changed the output at concurrency {conc}")
+        lengths = [len(o) for o in json_off.outputs]
+        plain = run_once(
+            off, "plain, same lengths", make_requests(off, args.num_requests, 0, lengths), conc
+        )
+        rows += [(conc, r) for r in (plain, json_off, json_on)]
+    print_table(rows)
+
+
+def print_table(rows: list[tuple[int, Run]]) -> None:
+    print(
+        "| conc | run | time s | tokens | tok/s | steps | tok/step | mask ms/step "
+        "| mask us/row | drafted | confirmed |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for conc, r in rows:
+        mask_step = 1000 * r.mask_seconds / r.steps
+        mask_row = 1e6 * r.mask_seconds / r.mask_rows if r.mask_rows else 0.0
+        print(
+            f"| {conc} | {r.name} | {r.seconds:.2f} | {r.tokens} | {r.tokens / r.seconds:.1f} "
+            f"| {r.steps} | {r.tokens / r.steps:.2f} | {mask_step:.2f} | {mask_row:.0f} "
+            f"| {r.drafted} | {r.accepted} |"
+        )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,50 @@
+"""Logprob bookkeeping: the prompt and output logprobs a request asked for, gathered from
+a step's logits into the request's lists (the scheduler sends them with its outputs)."""
+
+from __future__ import annotations
+
+import torch
+
+from loom.runtime.executor.model_runner import LogitsOutput
+from loom.runtime.executor.sampler import token_logprobs
+from loom.runtime.scheduler import batch as batching
+from loom.runtime.scheduler.request import Req
+
+
+def gather_output_logprobs(
+    reqs: list[Req], rows: list[int], raw: torch.Tensor, tokens: torch.Tensor
+) -> None:
+    """Logprobs of the sampled `tokens` under the raw logits, for reqs[i] of each row i."""
+    k = max(reqs[i].top_logprobs_num for i in rows)
+    chosen, top_v, top_i = token_logprobs(raw, tokens, k)
+    chosen_l, tokens_l = chosen.tolist(), tokens.tolist()
+    top_vl = top_v.tolist() if top_v is not None else None
+    top_il = top_i.tolist() if top_i is not None else None
+    for j, i in enumerate(rows):
+        req = reqs[i]
+        req.output_token_logprobs.append((chosen_l[j], tokens_l[j]))
+        n = req.top_logprobs_num
+        if n > 0:
+            req.output_top_logprobs.append(list(zip(top_vl[j][:n], top_il[j][:n])))
+
+
+def gather_prompt_logprobs(reqs: list[Req], starts: list[int], out: LogitsOutput) -> None:
+    """Prompt-token logprobs from an extend step's per-request logits (batch.extend_batch
+    asked for them from prompt_logits_start on)."""
+    for req, start, logits in zip(reqs, starts, out.prompt_logits):
+        if logits is None:
+            continue
+        if req.logprob_start_len == 0 and start == 0:  # the first token has no logprob
+            req.input_token_logprobs.append((None, req.origin_input_ids[0]))
+            if req.top_logprobs_num:
+                req.input_top_logprobs.append(None)
+        first_pos = start + batching.prompt_logits_start(req, start)
+        n = min(logits.shape[0], len(req.origin_input_ids) - 1 - first_pos)
+        targets = torch.tensor(
+            req.origin_input_ids[first_pos + 1 : first_pos + 1 + n], device=logits.device
+        )
+        chosen, top_v, top_i = token_logprobs(logits[:n], targets, req.top_logprobs_num)
+        req.input_token_logprobs.extend(zip(chosen.tolist(), targets.tolist()))
+        if top_v is not None:
+            for vals, ids in zip(top_v.tolist(), top_i.tolist()):
+                req.input_top_logprobs.append(list(zip(vals, ids)))

@@ -1,0 +1,294 @@
+"""Constrained decoding end to end through loom.Engine on the real default model
+(SmolLM2-135M): JSON schemas validate with `jsonschema`, regex outputs fullmatch, EBNF
+outputs parse with an independent parser, choices are among the choices; bad grammars are
+refused before scheduling and the engine keeps serving.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import re
+
+import jsonschema
+import pytest
+
+from loom.runtime.engine import Engine
+from loom.runtime.sampling_params import InvalidRequestError
+
+_STR = {"type": "string"}
+_POINT = {
+    "type": "object",
+    "properties": {
+        "x": {"type": "number", "minimum": -100, "maximum": 100},
+        "y": {"type": "number", "minimum": -100, "maximum": 100},
+    },
+    "required": ["x", "y"],
+}
+SCHEMAS = [
+    (
+        "Describe a fictional person: name, age and email.",
+        {
+            "type": "object",
+            "properties": {
+                "name": _STR,
+                "age": {"type": "integer", "minimum": 0, "maximum": 120},
+                "email": {"type": "string", "format": "email"},
+            },
+            "required": ["name", "age", "email"],
+        },
+    ),
+    (
+        "Give a famous novel, its author and the year it was published.",
+        {
+            "type": "object",
+            "properties": {
+                "title": _STR,
+                "author": {
+                    "type": "object",
+                    "properties": {
+                        "name": _STR,
+                        "born": {"type": "integer", "minimum": 1000, "maximum": 2010},
+                    },
+                    "required": ["name", "born"],
+                },
+                "year": {"type": "integer", "minimum": 1450, "maximum": 2025},
+            },
+            "required": ["title", "author", "year"],
+        },
+    ),
+    (
+        "List three fruits.",
+        {
+            "type": "object",
+            "properties": {
+                "fruits": {"type": "array", "items": _STR, "minItems": 1, "maxItems": 3}
+            },
+            "required": ["fruits"],
+        },
+    ),
+    (
+        "What color is the sky?",
+        {
+            "type": "object",
+            "properties": {"color": {"enum": ["red", "green", "blue", "yellow"]}},
+            "required": ["color"],
+        },
+    ),
+    (
+        "Describe a line segment by its two end points.",
+        {
+            "$defs": {"point": _POINT},
+            "type": "object",
+            "properties": {"start": {"$ref": "#/$defs/point"}, "end": {"$ref": "#/$defs/point"}},
+            "required": ["start", "end"],
+        },
+    ),
+    (
+        "Describe an event with a name, a date and, if you know it, a location.",
+        {
+            "type": "object",
+            "properties": {
+                "event": _STR,
+                "date": {"type": "string", "format": "date"},
+                "location": _STR,
+            },
+            "required": ["event", "date"],
+        },
+    ),
+    (
+        "Rate a movie from 1 to 5 and say whether you recommend it.",
+        {
+            "type": "object",
+            "properties": {
+                "movie": _STR,
+                "rating": {"type": "integer", "minimum": 1, "maximum": 5},
+                "recommend": {"type": "boolean"},
+            },
+            "required": ["movie", "rating", "recommend"],
+        },
+    ),
+    (
+        "Give today's temperature in Paris in Celsius.",
+        {
+            "type": "object",
+            "properties": {
+                "city": _STR,
+                "celsius": {"type": "number", "minimum": -50, "maximum": 50},
+            },
+            "required": ["city", "celsius"],
+        },
+    ),
+]
+_OCTET = r"(25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)"
+REGEXES = [
+    ("What is the IP address of a home router?", rf"({_OCTET}\.){{3}}{_OCTET}"),
+    ("When did World War II end? Give the date.", r"\d{4}-(0[1-9]|1[0-2])-(0[1-9]|[12]\d|3[01])"),
+    ("Give a US phone number.", r"\(\d{3}\) \d{3}-\d{4}"),
+]
+_NUM = "[1-9][0-9]{0,2}"
+# (prompt, EBNF, an independent regex for the same language)
+EBNFS = [
+    (
+        "Write a short arithmetic expression.",
+        f'root ::= term (("+" | "-") term)*\nterm ::= num (("*" | "/") num)*\nnum ::= {_NUM}',
+        rf"{_NUM}([*/]{_NUM})*([+-]{_NUM}([*/]{_NUM})*)*",
+    ),
+    (
+        "Introduce yourself.",
+        'root ::= "Name: " [A-Z] [a-z]{1,12} "\\nJob: " ("engineer" | "teacher" | "doctor") "\\n"',
+        r"Name: [A-Z][a-z]{1,12}\nJob: (engineer|teacher|doctor)\n",
+    ),
+]
+# (prompt, constraint, the choices)
+CHOICES = [
+    ("Is water wet? Answer yes or no.", {"regex": "(yes|no)"}, ["yes", "no"]),
+    (
+        "Pick a fruit.",
+        {"ebnf": 'root ::= "apple" | "banana" | "cherry"'},
+        ["apple", "banana", "cherry"],
+    ),
+    (
+        "Which planet is largest?",
+        {"regex": "(Mercury|Venus|Earth|Mars|Jupiter|Saturn)"},
+        ["Mercury", "Venus", "Earth", "Mars", "Jupiter", "Saturn"],
+    ),
+]
+
+
+@pytest.fixture(scope="module")
+def engine(default_model_dir):
+    # A short compile limit, so a slow grammar fails within the test (see the last test).
+    with Engine(max_total_tokens=16384, grammar_compile_timeout=2.0) as e:
+        yield e
+
+
+def chat(engine: Engine, prompt: str) -> list[int]:
+    return engine.tokenizer.apply_chat_template(
+        [{"role": "user", "content": prompt}],
+        tokenize=True,
+        add_generation_prompt=True,
+        return_dict=False,
+    )
+
+
+@pytest.fixture(scope="module")
+def outputs(engine):
+    """Every constrained case of this module in one greedy batch: text per case."""
+    cases = [(p, {"json_schema": json.dumps(s), "max_new_tokens": 160}) for p, s in SCHEMAS]
+    cases += [(p, {"regex": r, "max_new_tokens": 40}) for p, r in REGEXES]
+    cases += [(p, {"ebnf": g, "max_new_tokens": 40}) for p, g, _ in EBNFS]
+    cases += [(p, {**c, "max_new_tokens": 16}) for p, c, _ in CHOICES]
+    outs = engine.generate(
+        input_ids=[chat(engine, p) for p, _ in cases],
+        sampling_params=[{"temperature": 0, **params} for _, params in cases],
+    )
+    for o in outs:  # every case ends because its grammar completed
+        assert o["meta_info"]["finish_reason"]["type"] == "stop", o
+    texts = [o["text"] for o in outs]
+    n, r, e = len(SCHEMAS), len(REGEXES), len(EBNFS)
+    return {
+        "json": texts[:n],
+        "regex": texts[n : n + r],
+        "ebnf": texts[n + r : n + r + e],
+        "choice": texts[n + r + e :],
+    }
+
+
+def test_json_schema_outputs_validate(outputs):
+    checker = jsonschema.FormatChecker()
+    for (_, schema), text in zip(SCHEMAS, outputs["json"]):
+        jsonschema.validate(json.loads(text), schema, format_checker=checker)
+
+
+def test_regex_outputs_fullmatch(outputs):
+    for (_, regex), text in zip(REGEXES, outputs["regex"]):
+        assert re.fullmatch(regex, text), (regex, text)
+
+
+def test_ebnf_outputs_parse(outputs):
+    for (_, _, reference), text in zip(EBNFS, outputs["ebnf"]):
+        assert re.fullmatch(reference, text), text
+    ast.parse(outputs["ebnf"][0], mode="eval")  # the arithmetic one is a Python expression
+
+
+def test_choice_outputs_are_one_of_the_choices(outputs):
+    for (_, _, choices), text in zip(CHOICES, outputs["choice"]):
+        assert text in choices
+
+
+def test_unconstrained_requests_in_a_mixed_batch_get_their_tokens_alone(engine):
+    plain = [chat(engine, "Tell me a joke."), chat(engine, "What is the capital of Italy?")]
+    params = {"temperature": 0, "max_new_tokens": 20, "ignore_eos": True}
+    alone = [engine.generate(input_ids=p, sampling_params=params)["output_ids"] for p in plain]
+    constrained = [(chat(engine, p), s) for p, s in SCHEMAS[:2]]
+    mixed = engine.generate(
+        input_ids=[constrained[0][0], plain[0], constrained[1][0], plain[1]],
+        sampling_params=[
+            {"temperature": 0, "max_new_tokens": 20, "json_schema": json.dumps(constrained[0][1])},
+            params,
+            {"temperature": 0, "max_new_tokens": 20, "json_schema": json.dumps(constrained[1][1])},
+            params,
+        ],
+    )
+    assert [mixed[1]["output_ids"], mixed[3]["output_ids"]] == alone
+
+
+def test_length_finish_says_the_constrained_output_is_cut_off(engine):
+    out = engine.generate(
+        input_ids=chat(engine, SCHEMAS[0][0]),
+        sampling_params={
+            "temperature": 0,
+            "max_new_tokens": 5,
+            "json_schema": json.dumps(SCHEMAS[0][1]),
+        },
+    )
+    reason = out["meta_info"]["finish_reason"]
+    assert reason["type"] == "length"
+    assert "cut off" in reason["message"]
+    with pytest.raises(json.JSONDecodeError):
+        json.loads(out["text"])
+
+
+@pytest.mark.parametrize(
+    "params, message",
+    [
+        ({"regex": "(unclosed"}, "invalid regex"),
+        ({"json_schema": "{not json"}, "json"),
+        (
+            {
+                "json_schema": {
+                    "type": "object",
+                    "properties": {"n": {"type": "integer", "multipleOf": 3}},
+                    "required": ["n"],
+                }
+            },
+            "multipleOf",
+        ),
+        ({"ebnf": 'root ::= "a" |'}, "invalid ebnf"),
+        ({"regex": "a+", "json_schema": '{"type": "string"}'}, "one constraint"),
+        ({"ebnf": 'root ::= undefined_rule "a"'}, "invalid ebnf"),
+        # xgrammar would take minutes to convert this pattern: refused, not stalled on
+        ({"json_schema": {"type": "string", "pattern": "^[a-z]{0,30000}$"}}, "repeats up to"),
+    ],
+)
+def test_bad_grammar_is_refused_before_scheduling(engine, params, message):
+    before = engine.get_server_info()
+    with pytest.raises(InvalidRequestError, match=re.compile(message, re.IGNORECASE)):
+        engine.generate("Hello", {"max_new_tokens": 4, **params})
+    assert engine.get_server_info().prompt_tokens_total == before.prompt_tokens_total
+    out = engine.generate("Hello", {"max_new_tokens": 2, "regex": "[a-z]+"})  # still serving
+    assert out["meta_info"]["finish_reason"] is not None
+
+
+def test_grammar_failing_at_compile_time_aborts_only_its_request(engine):
+    # Valid, but its masks take seconds to build: past the engine's 2 s compile limit.
+    props = {f"field_{i}": {"type": "string", "maxLength": 200 + i} for i in range(4)}
+    slow = {"type": "object", "properties": props, "required": list(props)}
+    out = engine.generate("Hello", {"max_new_tokens": 4, "json_schema": json.dumps(slow)})
+    reason = out["meta_info"]["finish_reason"]
+    assert reason["type"] == "abort"
+    assert "compile" in reason["message"]
+    assert out["output_ids"] == []
+    ok = engine.generate("Hello", {"max_new_tokens": 3, "regex": "(yes|no)"})
+    assert ok["text"] in ("yes", "no")
