@@ -41,33 +41,19 @@ from jsonschema.validators import validator_for
 from referencing.jsonschema import DRAFT202012
 
 from loom.constrain.base import GrammarError
+from loom.constrain.schema_types import (
+    ASSERTIONS,
+    IGNORED_EVERYWHERE,
+    NEEDS_TYPE,
+    is_local_pointer,
+    pairwise_disjoint,
+    resolve,
+    type_within,
+    types_of,
+)
 
 Schema = dict[str, Any]
 
-_IGNORED_EVERYWHERE = (
-    "not", "if", "dependentRequired", "dependentSchemas", "dependencies", "contains",
-    "minContains", "maxContains", "multipleOf", "patternProperties", "propertyNames",
-    "unevaluatedProperties", "unevaluatedItems", "additionalItems", "$dynamicRef",
-    "$recursiveRef",
-)  # fmt: skip
-
-# Assertions that only apply to one instance type; xgrammar drops them when the schema
-# names no "type". (properties / items / additionalProperties make xgrammar infer the
-# type, which only narrows the output.)
-_NEEDS_TYPE = (
-    "minLength", "maxLength", "pattern", "minimum", "maximum", "exclusiveMinimum",
-    "exclusiveMaximum", "minItems", "maxItems", "minProperties", "maxProperties",
-)  # fmt: skip
-
-# Keywords that constrain an instance; anything else (title, description, default,
-# format, $defs, vendor extensions) is an annotation a validator also ignores.
-_ASSERTIONS = frozenset(
-    _IGNORED_EVERYWHERE + _NEEDS_TYPE + (
-        "type", "enum", "const", "uniqueItems", "required", "properties",
-        "additionalProperties", "items", "prefixItems", "allOf", "anyOf", "oneOf",
-        "then", "else", "$ref",
-    )
-)  # fmt: skip
 
 _SCHEMA_VALUED = ("items", "additionalProperties", "contains", "propertyNames", "not",
                   "if", "then", "else", "unevaluatedItems", "unevaluatedProperties",
@@ -172,8 +158,8 @@ def _walk(
     for child_path, child in _children(sub, path):
         yield from _walk(child, child_path, root, seen, nested_id)
     ref = sub.get("$ref")
-    if isinstance(ref, str) and _is_local_pointer(ref):
-        target = _resolve(root, ref)
+    if isinstance(ref, str) and is_local_pointer(ref):
+        target = resolve(root, ref)
         if target is not None:
             yield from _walk(target, ref[1:], root, seen, nested_id)
 
@@ -193,11 +179,11 @@ def _children(sub: Schema, path: str) -> Iterator[tuple[str, Any]]:
 
 def _problems(sub: Schema, path: str, root: Schema, under_id: bool) -> list[tuple[str, str]]:
     """(keyword, why) for each keyword of one schema object that xgrammar would not enforce."""
-    bad = [(kw, "") for kw in _IGNORED_EVERYWHERE if kw in sub]
+    bad = [(kw, "") for kw in IGNORED_EVERYWHERE if kw in sub]
     if sub.get("uniqueItems") is True:
         bad.append(("uniqueItems", ""))
     if "type" not in sub:
-        bad += [(kw, 'without "type"') for kw in _NEEDS_TYPE if kw in sub]
+        bad += [(kw, 'without "type"') for kw in NEEDS_TYPE if kw in sub]
     pattern = sub.get("pattern")
     escape = find_literal_escape(pattern) if isinstance(pattern, str) else None
     if escape:
@@ -213,7 +199,7 @@ def _problems(sub: Schema, path: str, root: Schema, under_id: bool) -> list[tupl
 
 
 def _siblings(sub: Schema, keyword: str) -> set[str]:
-    return (set(sub) & _ASSERTIONS) - {keyword}
+    return (set(sub) & ASSERTIONS) - {keyword}
 
 
 def _applicator_problems(sub: Schema, root: Schema) -> list[tuple[str, str]]:
@@ -227,7 +213,7 @@ def _applicator_problems(sub: Schema, root: Schema) -> list[tuple[str, str]]:
         if isinstance(sub.get(kw), list) and not _siblings_implied(sub, kw, root):
             bad.append((kw, "beside other keywords"))
     one_of = sub.get("oneOf")
-    if isinstance(one_of, list) and not _pairwise_disjoint(one_of, root):
+    if isinstance(one_of, list) and not pairwise_disjoint(one_of, root):
         bad.append(("oneOf", "with branches that may overlap"))
     return bad
 
@@ -240,10 +226,10 @@ def _siblings_implied(sub: Schema, kw: str, root: Schema) -> bool:
         return True
     if others != {"type"}:
         return False
-    allowed = _types_of(sub, root)
-    branch_types = [_types_of(branch, root) for branch in sub[kw]]
+    allowed = types_of(sub, root)
+    branch_types = [types_of(branch, root) for branch in sub[kw]]
     return allowed is not None and all(
-        t is not None and all(_type_within(x, allowed) for x in t) for t in branch_types
+        t is not None and all(type_within(x, allowed) for x in t) for t in branch_types
     )
 
 
@@ -251,7 +237,7 @@ def _ref_problems(sub: Schema, under_id: bool) -> list[tuple[str, str]]:
     ref = sub.get("$ref")
     if ref is None:
         return []
-    if not isinstance(ref, str) or not _is_local_pointer(ref):
+    if not isinstance(ref, str) or not is_local_pointer(ref):
         return [("$ref", "not a local '#/...' pointer")]
     if under_id:
         return [("$ref", "under a nested $id")]
@@ -301,116 +287,6 @@ def _validator_at(root: Schema, path: str) -> jsonschema.protocols.Validator:
     resource = referencing.Resource.from_contents(root, default_specification=DRAFT202012)
     registry = referencing.Registry().with_resource(_ROOT_URI, resource)
     return cls({"$ref": _ROOT_URI + "#" + quote(path, safe="/~$")}, registry=registry)
-
-
-def _pairwise_disjoint(branches: list[Any], root: Schema) -> bool:
-    return all(_disjoint(a, b, root) for i, a in enumerate(branches) for b in branches[i + 1 :])
-
-
-def _disjoint(a: Any, b: Any, root: Schema) -> bool:
-    """True only when no JSON value can match both branches (a sufficient test): their
-    types differ, or both are objects whose shared required key has disjoint literals
-    (a discriminated union)."""
-    a, b = _deref(a, root), _deref(b, root)
-    if not isinstance(a, dict) or not isinstance(b, dict):
-        return False
-    ta, tb = _types_of(a, root), _types_of(b, root)
-    if ta is not None and tb is not None and not _types_overlap(ta, tb):
-        return True
-    if ta != {"object"} or tb != {"object"}:
-        return False
-    common = set(a.get("required") or []) & set(b.get("required") or [])
-    props_a, props_b = a.get("properties") or {}, b.get("properties") or {}
-    for name in common:
-        va = _literal_values(_deref(props_a.get(name), root))
-        vb = _literal_values(_deref(props_b.get(name), root))
-        if (
-            va is not None
-            and vb is not None
-            and not set(map(_canonical, va)) & set(map(_canonical, vb))
-        ):
-            return True
-    return False
-
-
-def _types_of(sub: Any, root: Schema) -> set[str] | None:
-    """The instance types a schema can produce, or None when unconstrained / unknown."""
-    sub = _deref(sub, root)
-    if not isinstance(sub, dict):
-        return None
-    declared = sub.get("type")
-    if isinstance(declared, str):
-        return {declared}
-    if isinstance(declared, list):
-        return set(declared)
-    values = _literal_values(sub)
-    return None if values is None else {_json_type(v) for v in values}
-
-
-def _literal_values(sub: Any) -> list[Any] | None:
-    if not isinstance(sub, dict):
-        return None
-    if "const" in sub:
-        return [sub["const"]]
-    return sub["enum"] if isinstance(sub.get("enum"), list) else None
-
-
-def _json_type(value: Any) -> str:
-    if isinstance(value, bool):
-        return "boolean"
-    if isinstance(value, (int, float)):
-        return "integer" if float(value).is_integer() else "number"
-    return {type(None): "null", str: "string", list: "array", dict: "object"}[type(value)]
-
-
-def _canonical(value: Any) -> str:
-    """Equal JSON values give equal strings: 1 and 1.0 do, true and 1 do not."""
-
-    def normalize(v: Any) -> Any:
-        if isinstance(v, float) and v.is_integer():
-            return int(v)
-        if isinstance(v, list):
-            return [normalize(x) for x in v]
-        return {k: normalize(x) for k, x in v.items()} if isinstance(v, dict) else v
-
-    return json.dumps(normalize(value), sort_keys=True)
-
-
-def _types_overlap(a: set[str], b: set[str]) -> bool:
-    return any(_type_within(x, b) or _type_within(y, a) for x in a for y in b)
-
-
-def _type_within(t: str, allowed: set[str]) -> bool:
-    return t in allowed or (t == "integer" and "number" in allowed)
-
-
-def _deref(sub: Any, root: Schema) -> Any:
-    """Follow a chain of plain local $refs (a bounded number, refs may loop)."""
-    for _ in range(32):
-        if not isinstance(sub, dict) or set(sub) & _ASSERTIONS != {"$ref"}:
-            return sub
-        ref = sub["$ref"]
-        if not isinstance(ref, str) or not _is_local_pointer(ref):
-            return sub
-        sub = _resolve(root, ref)
-    return sub
-
-
-def _is_local_pointer(ref: str) -> bool:
-    return ref == "#" or ref.startswith("#/")
-
-
-def _resolve(root: Schema, ref: str) -> Any:
-    node: Any = root
-    for token in ref[2:].split("/") if ref != "#" else []:
-        token = token.replace("~1", "/").replace("~0", "~")
-        if isinstance(node, dict) and token in node:
-            node = node[token]
-        elif isinstance(node, list) and token.isdigit() and int(token) < len(node):
-            node = node[int(token)]
-        else:
-            return None
-    return node
 
 
 def _escape(name: str) -> str:
