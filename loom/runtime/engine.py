@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import atexit
 import logging
+import os
 import shutil
 import tempfile
 import threading
@@ -66,8 +67,6 @@ class Engine:
                 log_level=self.args.log_level,
             ),
         )
-        import os
-
         os.close(fd)
         self._procs.append(detok)
         sched, fd = spawn_child(

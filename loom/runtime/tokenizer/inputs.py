@@ -97,7 +97,7 @@ def _is_int(x: Any) -> bool:
 
 
 def _per_prompt(value, count: int, name: str, default) -> list:
-    if isinstance(value, list) and name != "input_ids":
+    if isinstance(value, list):
         if len(value) != count:
             raise InvalidRequestError(f"`{name}` has {len(value)} entries for {count} prompts")
         return value
