@@ -37,8 +37,9 @@ def load_requests(a) -> list[tuple[list[int], int]]:
     ]
 
 
-def run_loom(a, requests) -> dict:
+def run_loom(a, requests, overlap: bool = True) -> dict:
     kw = dict(
+        disable_overlap_schedule=not overlap,
         load_format=a.load_format,
         dtype=a.dtype,
         tokenizer_path=a.tokenizer_path,
@@ -119,14 +120,24 @@ def main() -> None:
     p.add_argument("--random-output-len", type=int, default=256)
     p.add_argument("--random-range-ratio", type=float, default=0.5)
     p.add_argument("--max-running-requests", type=int, default=None)
-    p.add_argument("--cuda-graph-max-bs", type=int, default=256)
+    p.add_argument("--cuda-graph-max-bs", type=int, default=512)
+    p.add_argument(
+        "--overlap",
+        choices=["on", "off", "both"],
+        default="on",
+        help="overlap scheduling; both: run loom with it and without it",
+    )
     p.add_argument("--disable-cuda-graph", action="store_true")
     p.add_argument("--hf-prompts", type=int, default=128, help="baseline subset (0: skip)")
     p.add_argument("--hf-batch-size", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args()
     requests = load_requests(a)
-    rows = [(f"loom ({name})", r) for name, r in run_loom(a, requests).items()]
+    rows = []
+    for overlap in {"on": [True], "off": [False], "both": [True, False]}[a.overlap]:
+        tag = "" if a.overlap != "both" else ", overlap" if overlap else ", no overlap"
+        results = run_loom(a, requests, overlap)
+        rows += [(f"loom ({name}{tag})", r) for name, r in results.items()]
     for name, r in rows:  # printed now: the baseline below can take minutes
         print(f"{name}: {r['output_tokens'] / r['seconds']:.0f} output tok/s", flush=True)
     if a.hf_prompts:
@@ -136,16 +147,17 @@ def main() -> None:
         f"{sum(len(i) for i, _ in requests)} prompt tokens, "
         f"{sum(n for _, n in requests)} output tokens; model {a.model_path} ({a.load_format})"
     )
-    print(f"{'engine':<24} {'reqs':>5} {'seconds':>8} {'out tok/s':>10} {'req/s':>7}")
+    print(f"{'engine':<36} {'reqs':>5} {'seconds':>8} {'out tok/s':>10} {'req/s':>7}")
     for name, r in rows:
         print(
-            f"{name:<24} {r['requests']:>5} {r['seconds']:>8.1f} "
+            f"{name:<36} {r['requests']:>5} {r['seconds']:>8.1f} "
             f"{r['output_tokens'] / r['seconds']:>10.0f} {r['requests'] / r['seconds']:>7.2f}"
         )
-    by = dict(rows)
-    if "loom (subset)" in by and "transformers (subset)" in by:
-        ratio = (by["loom (subset)"]["output_tokens"] / by["loom (subset)"]["seconds"]) / (
-            by["transformers (subset)"]["output_tokens"] / by["transformers (subset)"]["seconds"]
+    loom_subset = next((r for name, r in rows if name.startswith("loom (subset")), None)
+    hf = dict(rows).get("transformers (subset)")
+    if loom_subset and hf:
+        ratio = (loom_subset["output_tokens"] / loom_subset["seconds"]) / (
+            hf["output_tokens"] / hf["seconds"]
         )
         print(f"loom / transformers on the same {a.hf_prompts} requests: {ratio:.1f}x")
 

@@ -71,7 +71,11 @@ def _prefill_then_decode(runner: ModelRunner, prompts: list[list[int]]) -> list[
     for req, slot in zip(reqs, slots):
         runner.req_to_token_pool.write(req.req_pool_idx, req.kv_len, slot.view(1))
         req.kv_len += 1
-    logits.append(runner.forward(batching.decode_batch(reqs, slots, "cuda")).next_logits)
+    last_tokens = torch.zeros(runner.req_to_token_pool.num_slots, dtype=torch.int64, device="cuda")
+    for req in reqs:
+        last_tokens[req.req_pool_idx] = req.output_ids[-1]
+    batch = batching.decode_batch(reqs, slots, "cuda", last_tokens)
+    logits.append(runner.forward(batch).next_logits)
     return logits
 
 
@@ -118,3 +122,20 @@ def test_fused_cuda_layers_match_transformers(gpu_model):
             [hf(torch.tensor([p], device="cuda")).logits[0, -1].float() for p in prompts]
         )
     torch.testing.assert_close(got, ref, atol=6e-2, rtol=3e-2)
+
+
+def test_overlap_scheduling_gives_the_same_greedy_tokens(gpu_model):
+    g = torch.Generator().manual_seed(5)
+    prompts = [
+        torch.randint(2, VOCAB - 2, (int(n),), generator=g).tolist()
+        for n in torch.randint(4, 300, (24,), generator=g)
+    ]
+    outs, deferred = {}, {}
+    for disable in (True, False):
+        sched = make_scheduler(gpu_model, device="cuda", disable_overlap_schedule=disable)
+        params = dict(temperature=0, ignore_eos=False, max_new_tokens=40)
+        outs[disable] = run_scheduler(sched, prompts, params, arrive_every=1)
+        deferred[disable] = sched.stats["deferred_steps"]
+    assert deferred[True] == 0 and deferred[False] > 0
+    for rid in outs[True]:
+        assert outs[False][rid][0] == outs[True][rid][0], rid

@@ -53,16 +53,19 @@ def test_prefill_and_decode_logits_match_transformers(arch, tiny_model_factory):
         torch.testing.assert_close(logits, ref, atol=ATOL, rtol=0)
     seqs = [list(p) for p in prompts]
     next_logits = out.next_logits
+    last_tokens = torch.zeros(runner.req_to_token_pool.num_slots, dtype=torch.int64)
     for _ in range(4):  # a few batched decode steps over all three requests
         for req, seq, row in zip(reqs, seqs, next_logits):
             token = int(row.argmax())
             req.output_ids.append(token)
             seq.append(token)
+            last_tokens[req.req_pool_idx] = token
         slots = runner.allocator.alloc(len(reqs))
         for req, slot in zip(reqs, slots):
             runner.req_to_token_pool.write(req.req_pool_idx, req.kv_len, slot.view(1))
             req.kv_len += 1
-        next_logits = runner.forward(batching.decode_batch(reqs, slots, "cpu")).next_logits
+        batch = batching.decode_batch(reqs, slots, "cpu", last_tokens)
+        next_logits = runner.forward(batch).next_logits
         for seq, row in zip(seqs, next_logits):
             ref = hf(torch.tensor([seq])).logits[0, -1]
             torch.testing.assert_close(row, ref, atol=ATOL, rtol=0)

@@ -73,7 +73,9 @@ class ReqToTokenPool:
     def write_positions(self, rows: list[int], positions: list[int], kv_slots: torch.Tensor):
         """req_to_token[rows[i], positions[i]] = kv_slots[i], in one indexed store."""
         dev = self.req_to_token.device
-        index = torch.tensor([rows, positions], dtype=torch.int64).to(dev, non_blocking=True)
+        index = torch.tensor([rows, positions], dtype=torch.int64)
+        if dev.type == "cuda":  # pinned + non_blocking: the host must not wait for the device
+            index = index.pin_memory().to(dev, non_blocking=True)
         self.req_to_token[index[0], index[1]] = kv_slots.to(torch.int32)
 
     def read(self, slot: int, start: int, end: int) -> torch.Tensor:

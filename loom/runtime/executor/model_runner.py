@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
 from dataclasses import dataclass
 
@@ -11,6 +12,7 @@ from transformers import AutoConfig
 from loom.radix.pool import KVAllocator, KVCachePool, ReqToTokenPool
 from loom.runtime.args import ServerArgs
 from loom.runtime.executor.forward_batch import ForwardBatch, ForwardMode
+from loom.runtime.executor.host_copy import to_device
 from loom.runtime.layers.attention.base import Attention, AttentionBackend
 from loom.runtime.layers.rotary import RotaryEmbedding
 from loom.runtime.models.llama import head_dim_of
@@ -46,7 +48,7 @@ class ModelRunner:
         self.vocab_size = self.config.vocab_size
         self.max_total_tokens = self._kv_capacity()
         self.max_running_requests = args.max_running_requests or min(
-            512 if self.device.type == "cuda" else 64, self.max_total_tokens
+            1024 if self.device.type == "cuda" else 64, self.max_total_tokens
         )
         self._init_pools()
         self.attn_backend = self._make_attention_backend()
@@ -170,8 +172,10 @@ class ModelRunner:
         hidden = self.model(batch)
         if batch.mode is ForwardMode.DECODE:
             return LogitsOutput(self.model.compute_logits(hidden), [None] * batch.batch_size)
-        ends = torch.tensor(batch.extend_seq_lens_cpu, device=hidden.device).cumsum(0)
-        next_logits = self.model.compute_logits(hidden[ends - 1])
+        last_rows = list(itertools.accumulate(batch.extend_seq_lens_cpu, initial=-1))[1:]
+        next_logits = self.model.compute_logits(
+            hidden[to_device(last_rows, torch.int64, hidden.device)]
+        )
         prompt_logits: list[torch.Tensor | None] = []
         offset = 0
         for ext_len, start in zip(batch.extend_seq_lens_cpu, batch.logits_start_cpu):

@@ -22,16 +22,17 @@ _MASK32 = 0xFFFFFFFF
 class SamplingBatch:
     """Per-row sampling settings as device tensors (built once per step by the scheduler)."""
 
-    temperatures: torch.Tensor  # (bs,) float32; 0 = greedy
-    top_ks: torch.Tensor  # (bs,) int64; vocab size = disabled
-    top_ps: torch.Tensor  # (bs,) float32
-    min_ps: torch.Tensor  # (bs,) float32
-    seeds: torch.Tensor  # (bs,) int64
-    steps: torch.Tensor  # (bs,) int64: tokens already generated
     all_greedy: bool
     need_top_k: bool
     need_top_p: bool
     need_min_p: bool
+    # Per-row settings; None when every row is greedy (argmax reads none of them).
+    temperatures: torch.Tensor | None = None  # (bs,) float32; 0 = greedy
+    top_ks: torch.Tensor | None = None  # (bs,) int64; vocab size = disabled
+    top_ps: torch.Tensor | None = None  # (bs,) float32
+    min_ps: torch.Tensor | None = None  # (bs,) float32
+    seeds: torch.Tensor | None = None  # (bs,) int64
+    steps: torch.Tensor | None = None  # (bs,) int64: tokens already generated
     # Penalties (None when no row uses them).
     repetition_penalties: torch.Tensor | None = None  # (bs,)
     frequency_penalties: torch.Tensor | None = None  # (bs,)

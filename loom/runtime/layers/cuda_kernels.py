@@ -14,10 +14,11 @@ import torch
 _DISABLED = os.environ.get("LOOM_DISABLE_FUSED_KERNELS", "") not in ("", "0")
 
 try:
+    import flashinfer.activation as _fi_act
     import flashinfer.norm as _fi_norm
     import flashinfer.rope as _fi_rope
 except ImportError:  # CPU installs, or CUDA without the flashinfer extra
-    _fi_norm = _fi_rope = None
+    _fi_act = _fi_norm = _fi_rope = None
 
 
 def available(x: torch.Tensor) -> bool:
@@ -39,6 +40,11 @@ def add_rmsnorm(
     """residual += x; x = rmsnorm(residual), in place; returns (x, residual)."""
     _fi_norm.fused_add_rmsnorm(x, residual, weight, eps)
     return x, residual
+
+
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    """silu(x[..., :d]) * x[..., d:] in one kernel (two elementwise ones otherwise)."""
+    return _fi_act.silu_and_mul(x)
 
 
 def rope_inplace(

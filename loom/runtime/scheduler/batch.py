@@ -10,6 +10,7 @@ import torch
 
 from loom.radix.pool import ReqToTokenPool
 from loom.runtime.executor.forward_batch import ForwardBatch, ForwardMode
+from loom.runtime.executor.host_copy import to_device
 from loom.runtime.executor.sampler import SamplingBatch
 from loom.runtime.scheduler.request import Req
 
@@ -28,13 +29,16 @@ def extend_batch(
         # A jump-forward draft is verified against the logits at every position it runs.
         logits_starts.append(0 if req.draft_len else prompt_logits_start(req, start))
     slots = torch.cat([pool.read(r.req_pool_idx, s, r.kv_len) for r, s in zip(reqs, starts)])
+    per_req = to_device(
+        [[r.req_pool_idx for r in reqs], [r.kv_len for r in reqs]], torch.int64, device
+    )
     return ForwardBatch(
         mode=ForwardMode.EXTEND,
         batch_size=len(reqs),
-        input_ids=torch.tensor(ids, dtype=torch.int64, device=device),
-        positions=torch.tensor(positions, dtype=torch.int64, device=device),
-        req_pool_indices=torch.tensor([r.req_pool_idx for r in reqs], device=device),
-        seq_lens=torch.tensor([r.kv_len for r in reqs], device=device),
+        input_ids=to_device(ids, torch.int64, device),
+        positions=to_device(positions, torch.int64, device),
+        req_pool_indices=per_req[0],
+        seq_lens=per_req[1],
         out_cache_loc=slots.to(device),
         seq_lens_cpu=[r.kv_len for r in reqs],
         extend_prefix_lens_cpu=list(starts),
@@ -59,16 +63,23 @@ def prompt_logits_start(req: Req, start: int) -> int:
     return lo - start
 
 
-def decode_batch(reqs: list[Req], slots: torch.Tensor, device: torch.device) -> ForwardBatch:
-    """One new token per request: its last output token, at position seqlen - 1."""
+def decode_batch(
+    reqs: list[Req], slots: torch.Tensor, device: torch.device, last_tokens: torch.Tensor
+) -> ForwardBatch:
+    """One new token per request at position kv_len - 1 (its slot was just allocated).
+    The token is the request's newest, read from last_tokens (by req_to_token row) on the
+    device: the host may not have it yet."""
     seq_lens = [r.kv_len for r in reqs]
+    per_req = to_device(
+        [[r.req_pool_idx for r in reqs], seq_lens, [n - 1 for n in seq_lens]], torch.int64, device
+    )
     return ForwardBatch(
         mode=ForwardMode.DECODE,
         batch_size=len(reqs),
-        input_ids=torch.tensor([r.output_ids[-1] for r in reqs], dtype=torch.int64, device=device),
-        positions=torch.tensor([n - 1 for n in seq_lens], dtype=torch.int64, device=device),
-        req_pool_indices=torch.tensor([r.req_pool_idx for r in reqs], device=device),
-        seq_lens=torch.tensor(seq_lens, device=device),
+        input_ids=last_tokens[per_req[0]],
+        positions=per_req[2],
+        req_pool_indices=per_req[0],
+        seq_lens=per_req[1],
         out_cache_loc=slots.to(device),
         seq_lens_cpu=seq_lens,
     )
@@ -77,21 +88,28 @@ def decode_batch(reqs: list[Req], slots: torch.Tensor, device: torch.device) -> 
 def sampling_batch(
     reqs: list[Req], vocab_size: int, device: torch.device, eos_ids: set[int]
 ) -> SamplingBatch:
+    """Each request samples its output token number len(output_ids) + pending."""
     params = [r.sampling for r in reqs]
     temps = [p.temperature for p in params]
     top_ks = [p.top_k if p.top_k > 0 else vocab_size for p in params]
+    all_greedy = all(t == 0 for t in temps)
     sb = SamplingBatch(
-        temperatures=torch.tensor(temps, dtype=torch.float32, device=device),
-        top_ks=torch.tensor(top_ks, dtype=torch.int64, device=device),
-        top_ps=torch.tensor([p.top_p for p in params], dtype=torch.float32, device=device),
-        min_ps=torch.tensor([p.min_p for p in params], dtype=torch.float32, device=device),
-        seeds=torch.tensor([r.seed for r in reqs], dtype=torch.int64, device=device),
-        steps=torch.tensor([len(r.output_ids) for r in reqs], dtype=torch.int64, device=device),
-        all_greedy=all(t == 0 for t in temps),
+        all_greedy=all_greedy,
         need_top_k=any(k < vocab_size for k in top_ks),
         need_top_p=any(p.top_p < 1 for p in params),
         need_min_p=any(p.min_p > 0 for p in params),
     )
+    if not all_greedy:  # greedy rows read none of the per-row settings
+        floats = to_device(
+            [temps, [p.top_p for p in params], [p.min_p for p in params]], torch.float32, device
+        )
+        ints = to_device(
+            [top_ks, [r.seed for r in reqs], [len(r.output_ids) + r.pending for r in reqs]],
+            torch.int64,
+            device,
+        )
+        sb.temperatures, sb.top_ps, sb.min_ps = floats
+        sb.top_ks, sb.seeds, sb.steps = ints
     _add_penalties(sb, reqs, vocab_size, device)
     _add_min_tokens_bans(sb, reqs, device, eos_ids)
     return sb
@@ -127,11 +145,10 @@ def _add_min_tokens_bans(sb: SamplingBatch, reqs: list[Req], device, eos_ids: se
     rows, tokens = [], []
     for row, req in enumerate(reqs):
         p = req.sampling
-        if len(req.output_ids) >= p.min_new_tokens:
+        if len(req.output_ids) + req.pending >= p.min_new_tokens:
             continue
         banned = set(p.stop_token_ids) | (set() if p.ignore_eos else eos_ids)
         rows.extend([row] * len(banned))
         tokens.extend(sorted(banned))
     if rows:
-        sb.banned_rows = torch.tensor(rows, dtype=torch.int64, device=device)
-        sb.banned_tokens = torch.tensor(tokens, dtype=torch.int64, device=device)
+        sb.banned_rows, sb.banned_tokens = to_device([rows, tokens], torch.int64, device)

@@ -28,6 +28,12 @@ class FinishChecker:
             return FinishReason("length", None, "reached the context length")
         return None
 
+    def out_of_room(self, req: Req) -> bool:
+        """Whether the request's tokens, counting those not yet processed, already reach
+        its length limit: a further step for it would be discarded."""
+        n = len(req.output_ids) + req.pending
+        return n >= req.sampling.max_new_tokens or req.seqlen + req.pending >= self.context_len
+
     def _stop_string(self, req: Req) -> str | None:
         stops = req.sampling.stop
         if not stops or self.tokenizer is None:

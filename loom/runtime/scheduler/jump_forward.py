@@ -50,6 +50,7 @@ class JumpForward:
 
     def draft(self, req: Req) -> bool:
         """Append the grammar's forced continuation to req as a draft; True if there is one."""
+        assert not req.pending, "drafts follow processed tokens only"
         forced = req.grammar.find_jump_forward_string()
         if not forced:
             return False

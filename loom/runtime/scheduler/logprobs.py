@@ -5,27 +5,38 @@ from __future__ import annotations
 
 import torch
 
+from loom.runtime.executor.host_copy import HostCopy
 from loom.runtime.executor.model_runner import LogitsOutput
 from loom.runtime.executor.sampler import token_logprobs
 from loom.runtime.scheduler import batch as batching
 from loom.runtime.scheduler.request import Req
 
 
-def gather_output_logprobs(
-    reqs: list[Req], rows: list[int], raw: torch.Tensor, tokens: torch.Tensor
-) -> None:
-    """Logprobs of the sampled `tokens` under the raw logits, for reqs[i] of each row i."""
-    k = max(reqs[i].top_logprobs_num for i in rows)
-    chosen, top_v, top_i = token_logprobs(raw, tokens, k)
-    chosen_l, tokens_l = chosen.tolist(), tokens.tolist()
-    top_vl = top_v.tolist() if top_v is not None else None
-    top_il = top_i.tolist() if top_i is not None else None
-    for j, i in enumerate(rows):
-        req = reqs[i]
-        req.output_token_logprobs.append((chosen_l[j], tokens_l[j]))
-        n = req.top_logprobs_num
-        if n > 0:
-            req.output_top_logprobs.append(list(zip(top_vl[j][:n], top_il[j][:n])))
+class OutputLogprobs:
+    """Logprobs of a step's sampled tokens, computed on the device when the step is
+    queued and read on the host when its tokens are (overlap scheduling reads them one
+    step later)."""
+
+    def __init__(self, reqs: list[Req], rows: list[int], raw: torch.Tensor, tokens: torch.Tensor):
+        self.rows = rows
+        self.top_nums = [reqs[i].top_logprobs_num for i in rows]
+        chosen, top_v, top_i = token_logprobs(raw, tokens, max(self.top_nums))
+        self._copy = HostCopy(chosen, tokens, top_v, top_i)
+
+    def record(self, reqs: list[Req]) -> None:
+        """Append each row's logprobs to its request (reqs as given to __init__); finished
+        requests (their step ran before the host learned they were done) are skipped."""
+        chosen, tokens, top_v, top_i = self._copy.get()
+        chosen_l, tokens_l = chosen.tolist(), tokens.tolist()
+        top_vl = top_v.tolist() if top_v is not None else None
+        top_il = top_i.tolist() if top_i is not None else None
+        for j, (i, n) in enumerate(zip(self.rows, self.top_nums)):
+            req = reqs[i]
+            if req.finished:
+                continue
+            req.output_token_logprobs.append((chosen_l[j], tokens_l[j]))
+            if n > 0:
+                req.output_top_logprobs.append(list(zip(top_vl[j][:n], top_il[j][:n])))
 
 
 def gather_prompt_logprobs(reqs: list[Req], starts: list[int], out: LogitsOutput) -> None:

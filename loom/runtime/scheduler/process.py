@@ -56,7 +56,8 @@ def _loop(sched, receiver, sender) -> None:
     poller.register(receiver, zmq.POLLIN)
     while True:
         if sched.has_work():
-            timeout = 0 if sched.running or sched.waiting or sched.chunked else _IDLE_POLL_MS
+            busy = sched.running or sched.waiting or sched.chunked or sched.inflight
+            timeout = 0 if busy else _IDLE_POLL_MS
         else:
             timeout = None  # idle: sleep until a message arrives
         events = dict(poller.poll(timeout))

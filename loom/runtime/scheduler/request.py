@@ -64,6 +64,9 @@ class Req:
     # against the model's own choices; the next decode step verifies them (jump_forward.py).
     draft_len: int = 0
     schema_violation: str | None = None  # lenient JSON schema: what the output broke
+    # Overlap scheduling: tokens sampled by queued steps that the host has not read yet
+    # (at most 2: the step in flight and the one being queued behind it).
+    pending: int = 0
 
     # Streaming bookkeeping: how much has been sent to the detokenizer.
     sent_len: int = 0

@@ -3,6 +3,15 @@
 Each `step` runs one forward: an extend batch of newly admitted requests (or the next
 chunk of a long prompt), or a decode batch of every running request. Extend and decode
 alternate while both have work, so decode keeps going between prefill chunks.
+
+Overlap scheduling (the default): a step is queued on the device with its sampling, and
+the host processes the previous step's tokens (finish checks, streaming, freeing KV)
+while it runs, so the device never waits for the host between steps. A decode step
+takes its input tokens from the device (StepSampler.last_tokens) and counts tokens the
+host has not read yet (req.pending) in positions and limits. A request that finishes in
+step N has also run in step N + 1: that token is discarded. Requests whose next step
+needs their tokens on the host (grammar masks, penalties over the output, drafts) and
+retraction make the scheduler process the queued step first.
 """
 
 from __future__ import annotations
@@ -21,15 +30,15 @@ from loom.runtime import messages as m
 from loom.runtime.args import ServerArgs
 from loom.runtime.executor.forward_batch import ForwardBatch
 from loom.runtime.executor.model_runner import LogitsOutput, ModelRunner
-from loom.runtime.executor.sampler import apply_penalties, sample
 from loom.runtime.scheduler import batch as batching
 from loom.runtime.scheduler.admission import PrefillAdder
 from loom.runtime.scheduler.finish import FinishChecker
 from loom.runtime.scheduler.jump_forward import JumpForward, drop_draft
 from loom.runtime.scheduler.kv_ops import KVOps
-from loom.runtime.scheduler.logprobs import gather_output_logprobs, gather_prompt_logprobs
+from loom.runtime.scheduler.logprobs import gather_prompt_logprobs
 from loom.runtime.scheduler.policy import SchedulePolicy
 from loom.runtime.scheduler.request import FinishReason, Req
+from loom.runtime.scheduler.sampling import SampledStep, StepSampler
 
 logger = logging.getLogger(__name__)
 
@@ -49,6 +58,15 @@ class Scheduler:
         )
         self.chunk_size = _chunk_size(args, self.device)
         self.jump = JumpForward(self) if args.enable_jump_forward else None
+        self.sampler = StepSampler(
+            self.grammar,
+            self.runner.vocab_size,
+            self.eos_ids,
+            self.runner.req_to_token_pool.num_slots,
+            self.device,
+        )
+        self.overlap = not args.disable_overlap_schedule
+        self.inflight: SampledStep | None = None  # queued, its tokens not yet processed
         self.rng = random.Random(args.random_seed)
 
         self.waiting: list[Req] = []
@@ -67,6 +85,7 @@ class Scheduler:
             "generation_tokens": 0,
             "retractions": 0,
             "forward_steps": 0,
+            "deferred_steps": 0,  # steps whose tokens were processed while the next ran
         }
 
     # ---- requests in -------------------------------------------------------------------
@@ -128,6 +147,7 @@ class Scheduler:
             self.chunked = None
 
     def flush_cache(self) -> m.FlushCacheResult:
+        self.drain()
         if self.running or self.chunked or self.waiting:
             return m.FlushCacheResult(False, "requests are in flight; flush when idle")
         self.kv.cache.reset()
@@ -156,7 +176,9 @@ class Scheduler:
         )
 
     def has_work(self) -> bool:
-        return bool(self.waiting or self.running or self.chunked or self.grammar_queue)
+        return bool(
+            self.waiting or self.running or self.chunked or self.grammar_queue or self.inflight
+        )
 
     def take_outputs(self) -> list[m.ReqOutput]:
         out, self.outbox = self.outbox, []
@@ -165,14 +187,32 @@ class Scheduler:
     # ---- one step ----------------------------------------------------------------------
 
     def step(self) -> None:
+        """Queue the next step; process the previous one's tokens while it runs (overlap)
+        or this one's (no overlap)."""
         self._poll_grammars()
+        queued = self._queue_step()
+        self.drain()
+        if queued is not None and self.overlap:
+            self.inflight = queued
+            self.stats["deferred_steps"] += 1
+        elif queued is not None:
+            self._process(queued)
+
+    def drain(self) -> None:
+        """Process the queued step's tokens now (waits for the device)."""
+        if self.inflight is not None:
+            step, self.inflight = self.inflight, None
+            self._process(step)
+
+    def _queue_step(self) -> SampledStep | None:
         decode_first = self.last_was_extend and self.running
-        if not decode_first and self._run_extend_step():
-            self.last_was_extend = True
-            return
+        if not decode_first:
+            ran, queued = self._run_extend_step()
+            if ran:
+                self.last_was_extend = True
+                return queued
         self.last_was_extend = False
-        if self.running:
-            self._run_decode_step()
+        return self._run_decode_step() if self.running else None
 
     def _poll_grammars(self) -> None:
         still = []
@@ -190,7 +230,7 @@ class Scheduler:
                 still.append((req, future, deadline))
         self.grammar_queue = still
 
-    def _run_extend_step(self) -> bool:
+    def _run_extend_step(self) -> tuple[bool, SampledStep | None]:
         adder = PrefillAdder(self, self.chunk_size)
         chunked, self.chunked = self.chunked, None
         if chunked is not None:
@@ -200,7 +240,7 @@ class Scheduler:
                 if not adder.try_add(req):
                     break
         if not adder.reqs:
-            return False
+            return False, None
         admitted = {id(r) for r in adder.reqs}
         self.waiting = [r for r in self.waiting if id(r) not in admitted]
         batch = batching.extend_batch(
@@ -219,21 +259,36 @@ class Scheduler:
                 self.kv.release(req, finished=True)
         rows = [i for i, r in enumerate(adder.reqs) if r.kv_len == r.seqlen and not r.finished]
         done = [adder.reqs[i] for i in rows]
-        self.sample_and_advance(done, out.next_logits[rows])
-        self.running.extend(r for r in done if not r.finished)
-        return True
+        self.running.extend(done)
+        return True, self.sampler.queue(done, out.next_logits[rows]) if done else None
 
-    def _run_decode_step(self) -> None:
-        slots = self.kv.alloc_decode_slots(self.running, self.retract)
-        if not self.running:
-            return
+    def _run_decode_step(self) -> SampledStep | None:
+        if self.inflight is not None and self._needs_host_state(self.running):
+            self.drain()
+        # A request whose queued token reaches its length limit is done: skip it.
+        reqs = [r for r in self.running if not self.finish.out_of_room(r)]
+        slots = self.kv.alloc_decode_slots(reqs, self.retract)
+        self.running = [r for r in self.running if r.req_pool_idx is not None]  # retracted
+        if not reqs:
+            return None
         self.new_token_ratio = max(self.new_token_ratio - 0.001, 0.1 * self.init_token_ratio)
-        if self.jump is not None and any(r.draft_len for r in self.running):
-            self.jump.run_decode_step(self.running)
-        else:
-            batch = batching.decode_batch(self.running, slots, self.device)
-            self.sample_and_advance(self.running, self.forward(batch).next_logits)
-        self.running = [r for r in self.running if not r.finished]
+        if self.jump is not None and any(r.draft_len for r in reqs):
+            self.jump.run_decode_step(reqs)  # drafts exist only with nothing in flight
+            self.running = [r for r in self.running if not r.finished]
+            return None
+        batch = batching.decode_batch(reqs, slots, self.device, self.sampler.last_tokens)
+        return self.sampler.queue(reqs, self.forward(batch).next_logits)
+
+    def _needs_host_state(self, reqs: list[Req]) -> bool:
+        """Whether the next decode step needs the queued step's tokens on the host first:
+        grammar masks and drafts follow the output text, penalties count its tokens, and
+        retraction must not take a request whose token is still on its way."""
+        for r in reqs:
+            p = r.sampling
+            penalties = p.repetition_penalty != 1 or p.frequency_penalty or p.presence_penalty
+            if r.grammar is not None or r.draft_len or penalties:
+                return True
+        return self.kv.budget() < len(reqs)
 
     def forward(self, batch: ForwardBatch) -> LogitsOutput:
         self.stats["forward_steps"] += 1
@@ -242,6 +297,7 @@ class Scheduler:
     def retract(self, req: Req) -> None:
         """Preempt: free the request's KV and requeue it at the front; it restarts later
         from its tokens so far (the result is the same, only recomputed)."""
+        assert not req.pending, "a request is retracted only once its tokens are processed"
         drop_draft(req)
         if not self.running and self.chunked is None and req.output_ids:
             # Nothing else holds KV: this request alone outgrew the pool.
@@ -260,25 +316,28 @@ class Scheduler:
 
     # ---- tokens out --------------------------------------------------------------------
 
-    def sample_and_advance(self, reqs: list[Req], logits: torch.Tensor) -> None:
-        for req, token in zip(reqs, self.sample_tokens(reqs, logits)):
+    def _process(self, step: SampledStep) -> None:
+        """Append a step's tokens to its requests: finish, stream, free, draft."""
+        for req, token in zip(step.reqs, step.read()):
+            req.pending -= 1
+            if req.finished:  # finished after this step was queued: the token is discarded
+                continue
             self.advance(req, token)
             self.settle(req)
+        self.running = [r for r in self.running if not r.finished]
 
-    @torch.inference_mode()  # penalties, bans and masks edit the runner's logits in place
+    def sample_and_advance(self, reqs: list[Req], logits: torch.Tensor) -> None:
+        """Sample and process at once (nothing may be in flight)."""
+        if reqs:
+            self._process(self.sampler.queue(reqs, logits))
+
     def sample_tokens(self, reqs: list[Req], logits: torch.Tensor) -> list[int]:
-        """The next token of each request (logits row i is reqs[i]'s); records logprobs."""
-        if not reqs:
-            return []
-        logprob_rows = [i for i, r in enumerate(reqs) if r.return_logprob]
-        raw = logits[logprob_rows].clone() if logprob_rows else None
-        sb = batching.sampling_batch(reqs, self.runner.vocab_size, self.device, self.eos_ids)
-        apply_penalties(logits, sb)
-        self._apply_grammar_masks(reqs, logits)
-        next_ids = sample(logits, sb)
-        if raw is not None:
-            gather_output_logprobs(reqs, logprob_rows, raw, next_ids[logprob_rows])
-        return next_ids.tolist()
+        """The next token of each request (logits row i is reqs[i]'s); records logprobs.
+        The caller advances the requests itself."""
+        step = self.sampler.queue(reqs, logits)
+        for req in reqs:
+            req.pending -= 1
+        return step.read()
 
     def advance(self, req: Req, token: int) -> None:
         """Append one sampled token; finish the request if it is done."""
@@ -301,15 +360,6 @@ class Scheduler:
             self._emit(req)
         if self.jump is not None and req.grammar is not None:
             self.jump.draft(req)
-
-    def _apply_grammar_masks(self, reqs: list[Req], logits: torch.Tensor) -> None:
-        rows = [i for i, r in enumerate(reqs) if r.grammar is not None]
-        if not rows:
-            return
-        bitmask = self.grammar.allocate_bitmask(len(reqs))
-        for i in rows:
-            reqs[i].grammar.fill_bitmask(bitmask, i)
-        self.grammar.apply_bitmask(logits, bitmask, rows)
 
     def _finish(self, req: Req, reason: FinishReason) -> None:
         drop_draft(req)  # only verified tokens are ever returned

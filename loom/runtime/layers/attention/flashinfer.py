@@ -44,6 +44,10 @@ class FlashInferBackend(AttentionBackend):
         self.prefill = flashinfer.BatchPrefillWithPagedKVCacheWrapper(self.workspace, "NHD")
         self.decode_wrapper = self._decode_wrapper()
         self.graph_wrappers: dict[int, object] = {}
+        # A wrapper's plan fills a pinned host buffer and queues its upload: under overlap
+        # the next plan may come before that upload ran, so it waits for it first.
+        self._plan_uploaded = torch.cuda.Event()
+        self._plan_pending = False
         self.caches = [
             (k.view(k.shape[0], 1, *k.shape[1:]), v.view(v.shape[0], 1, *v.shape[1:]))
             for k, v in zip(kv_pool.k_buffers, kv_pool.v_buffers)
@@ -90,6 +94,8 @@ class FlashInferBackend(AttentionBackend):
         return indptr, indices
 
     def plan(self, batch: ForwardBatch) -> None:
+        if self._plan_pending:
+            self._plan_uploaded.synchronize()
         indptr, indices = self._page_table(batch)
         last_page_len = torch.ones(batch.batch_size, dtype=torch.int32)
         common = dict(q_data_type=self.dtype, kv_data_type=self.dtype, sm_scale=self.scale)
@@ -112,6 +118,8 @@ class FlashInferBackend(AttentionBackend):
                 causal=True,
                 **common,
             )
+        self._plan_uploaded.record()
+        self._plan_pending = True
         batch.attn_metadata = _Plan(wrapper)
 
     # ---- per layer -----------------------------------------------------------------------

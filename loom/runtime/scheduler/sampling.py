@@ -1,0 +1,71 @@
+"""A step's next tokens: sampled on the device when the step is queued, read on the host
+when the scheduler processes the step (at once, or one step later under overlap).
+
+Each request's newest sampled token is also scattered into `last_tokens` (indexed by
+req_to_token row) on the device, so the next decode step can take its input from there
+before the host has seen the token.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from loom.runtime.executor.host_copy import HostCopy, to_device
+from loom.runtime.executor.sampler import apply_penalties, sample
+from loom.runtime.scheduler import batch as batching
+from loom.runtime.scheduler.logprobs import OutputLogprobs
+from loom.runtime.scheduler.request import Req
+
+
+@dataclass
+class SampledStep:
+    """reqs[i] sampled the token in row i; each has it counted in req.pending."""
+
+    reqs: list[Req]
+    tokens: HostCopy
+    logprobs: OutputLogprobs | None
+
+    def read(self) -> list[int]:
+        """Wait for this step's tokens (only), record their logprobs, return the ids."""
+        (tokens,) = self.tokens.get()
+        if self.logprobs is not None:
+            self.logprobs.record(self.reqs)
+        return tokens.tolist()
+
+
+class StepSampler:
+    def __init__(self, grammar, vocab_size: int, eos_ids: set[int], num_rows: int, device):
+        self.grammar = grammar
+        self.vocab_size = vocab_size
+        self.eos_ids = eos_ids
+        self.device = device
+        self.last_tokens = torch.zeros(num_rows, dtype=torch.int64, device=device)
+
+    @torch.inference_mode()  # penalties, bans and masks edit the runner's logits in place
+    def queue(self, reqs: list[Req], logits: torch.Tensor) -> SampledStep:
+        """Sample reqs[i]'s next token from logits row i; nothing waits for the device."""
+        logprob_rows = [i for i, r in enumerate(reqs) if r.return_logprob]
+        raw = logits[logprob_rows].clone() if logprob_rows else None
+        sb = batching.sampling_batch(reqs, self.vocab_size, self.device, self.eos_ids)
+        apply_penalties(logits, sb)
+        self._apply_grammar_masks(reqs, logits)
+        next_ids = sample(logits, sb)
+        rows = to_device([r.req_pool_idx for r in reqs], torch.int64, self.device)
+        self.last_tokens[rows] = next_ids
+        logprobs = None
+        if raw is not None:
+            logprobs = OutputLogprobs(reqs, logprob_rows, raw, next_ids[logprob_rows])
+        for req in reqs:
+            req.pending += 1
+        return SampledStep(reqs, HostCopy(next_ids), logprobs)
+
+    def _apply_grammar_masks(self, reqs: list[Req], logits: torch.Tensor) -> None:
+        rows = [i for i, r in enumerate(reqs) if r.grammar is not None]
+        if not rows:
+            return
+        bitmask = self.grammar.allocate_bitmask(len(reqs))
+        for i in rows:
+            reqs[i].grammar.fill_bitmask(bitmask, i)
+        self.grammar.apply_bitmask(logits, bitmask, rows)
