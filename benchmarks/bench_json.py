@@ -20,6 +20,8 @@ import json
 import time
 from dataclasses import dataclass
 
+import torch
+
 from loom.runtime import messages as m
 from loom.runtime.args import ServerArgs
 from loom.runtime.models.model_source import resolve_model_path
@@ -115,15 +117,19 @@ def make_requests(sched: Scheduler, n: int, max_new: int, lengths=None) -> list[
 
 def timed_masks(sched: Scheduler, run: Run) -> None:
     """Wrap the scheduler's mask step (bitmask fill + apply) with a timer."""
-    inner = sched._apply_grammar_masks
+    inner = sched.sampler._apply_grammar_masks
 
     def apply(reqs, logits):
+        if logits.is_cuda:  # time the mask alone: not the forward queued before it
+            torch.cuda.synchronize()
         start = time.perf_counter()
         inner(reqs, logits)
+        if logits.is_cuda:  # the apply kernel is queued: time it too
+            torch.cuda.synchronize()
         run.mask_seconds += time.perf_counter() - start
         run.mask_rows += sum(r.grammar is not None for r in reqs)
 
-    sched._apply_grammar_masks = apply
+    sched.sampler._apply_grammar_masks = apply
 
 
 def run_once(sched: Scheduler, name: str, reqs: list[m.GenerateRequest], concurrency: int) -> Run:
@@ -143,7 +149,7 @@ def run_once(sched: Scheduler, name: str, reqs: list[m.GenerateRequest], concurr
             for o in sched.take_outputs():
                 outs[o.rid].extend(o.new_token_ids)
     run.seconds = time.perf_counter() - start
-    del sched._apply_grammar_masks
+    del sched.sampler._apply_grammar_masks
     after = sched.server_info()
     run.steps = after.forward_steps_total - before.forward_steps_total
     run.tokens = after.generation_tokens_total - before.generation_tokens_total
@@ -160,9 +166,17 @@ def main() -> None:
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 8])
     p.add_argument("--max-new-tokens", type=int, default=96)
     p.add_argument("--device", default="auto")
+    p.add_argument("--load-format", default="auto", help="dummy: random weights (GPU runs)")
+    p.add_argument("--tokenizer-path", default=None)
     args = p.parse_args()
     folder = resolve_model_path(args.model_path)
-    common = dict(device=args.device, max_total_tokens=16384, disable_radix_cache=True)
+    common = dict(
+        device=args.device,
+        max_total_tokens=16384,
+        disable_radix_cache=True,
+        load_format=args.load_format,
+        tokenizer_path=args.tokenizer_path,
+    )
     off = Scheduler(ServerArgs(**common, enable_jump_forward=False), folder)
     on = Scheduler(ServerArgs(**common, enable_jump_forward=True), folder)
     warm = make_requests(off, 1, 4)
@@ -178,8 +192,11 @@ def main() -> None:
             make_requests(on, args.num_requests, args.max_new_tokens),
             conc,
         )
-        if json_on.outputs != json_off.outputs:
+        changed = sum(a != b for a, b in zip(json_on.outputs, json_off.outputs))
+        if changed and args.load_format != "dummy":
             raise SystemExit(f"jump-forward changed the output at concurrency {conc}")
+        if changed:  # random bf16 weights: near-flat logits flip argmax ties between kernels
+            print(f"concurrency {conc}: {changed} outputs differ with jump-forward (dummy weights)")
         lengths = [len(o) for o in json_off.outputs]
         plain = run_once(
             off, "plain, same lengths", make_requests(off, args.num_requests, 0, lengths), conc

@@ -93,17 +93,22 @@ def main() -> None:
     p.add_argument("--serve", action="store_true", help="start a loom serve and use it")
     p.add_argument("--model-path", default=None)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--load-format", default="auto", help="dummy: random weights (GPU runs)")
+    p.add_argument("--tokenizer-path", default=None)
     p.add_argument("--verbose", action="store_true", help="print every repeat's time")
     args = p.parse_args()
 
     engine = runtime = None
+    model = dict(device=args.device, load_format=args.load_format)
+    if args.tokenizer_path:
+        model["tokenizer_path"] = args.tokenizer_path
     if args.serve:
-        runtime = loom.Runtime(args.model_path, device=args.device)
+        runtime = loom.Runtime(args.model_path, **model)
         args.url = runtime.url
     if args.url:
         generator = loom.RuntimeEndpoint(args.url)
     else:
-        engine = generator = loom.Engine(args.model_path, device=args.device)
+        engine = generator = loom.Engine(args.model_path, **model)
     backend = resolve_backend(generator)
     flush = generator.flush_cache
     tokenizer = backend.tokenizer

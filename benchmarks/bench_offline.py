@@ -1,4 +1,4 @@
-"""Offline throughput: N requests at once through loom's Engine, and Hugging Face
+r"""Offline throughput: N requests at once through loom's Engine, and Hugging Face
 transformers `generate` (static batches, left-padded) on the same model and requests as
 the baseline, in one run. Output lengths are fixed (ignore_eos), so both do the same work;
 transformers' padding and over-generation are not counted as output.

@@ -1,4 +1,4 @@
-"""Shared-prefix workload (SGLang's generated-shared-prefix): groups of prompts that share
+r"""Shared-prefix workload (SGLang's generated-shared-prefix): groups of prompts that share
 a long system prompt, each with its own question. Runs loom with the radix cache on and
 off in one process and prints throughput and cache-hit rate.
 

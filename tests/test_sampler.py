@@ -31,6 +31,7 @@ EOS = 3
 def make_req(prompt=(5, 6), output=(), seed=0, **params) -> Req:
     req = Req("r", list(prompt), SamplingParams(**params), seed=seed)
     req.output_ids = list(output)
+    req.pending = 1  # the token about to be sampled, as the scheduler counts it
     return req
 
 
@@ -85,7 +86,7 @@ def filter_rows(draw):
     vocab = draw(st.integers(2, 40))
     rows = []
     for _ in range(draw(st.integers(1, 4))):
-        weights = draw(st.lists(st.floats(0.01, 1.0), min_size=vocab, max_size=vocab))
+        weights = draw(st.lists(st.floats(0.01, 1.0), min_size=vocab, max_size=vocab, unique=True))
         top_k = draw(st.one_of(st.just(vocab), st.integers(1, vocab)))
         top_p = draw(st.one_of(st.just(1.0), st.floats(0.05, 1.0)))
         min_p = draw(st.one_of(st.just(0.0), st.floats(0.0, 1.0)))

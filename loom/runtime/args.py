@@ -64,7 +64,9 @@ class ServerArgs:
 
     # Constrained decoding
     grammar_backend: str = _arg("xgrammar", "grammar engine", ("xgrammar", "none"))
-    enable_jump_forward: bool = _arg(True, "run grammar-forced text as a verified draft")
+    enable_jump_forward: bool = _arg(
+        False, "run grammar-forced text as a verified draft (exact; steps wait for the host)"
+    )
     grammar_compile_timeout: float = _arg(30.0, "seconds a grammar may take to compile")
 
     # Server

@@ -88,7 +88,8 @@ def decode_batch(
 def sampling_batch(
     reqs: list[Req], vocab_size: int, device: torch.device, eos_ids: set[int]
 ) -> SamplingBatch:
-    """Each request samples its output token number len(output_ids) + pending."""
+    """Each request samples its output token number len(output_ids) + pending - 1 (pending
+    counts the token being sampled)."""
     params = [r.sampling for r in reqs]
     temps = [p.temperature for p in params]
     top_ks = [p.top_k if p.top_k > 0 else vocab_size for p in params]
@@ -104,7 +105,7 @@ def sampling_batch(
             [temps, [p.top_p for p in params], [p.min_p for p in params]], torch.float32, device
         )
         ints = to_device(
-            [top_ks, [r.seed for r in reqs], [len(r.output_ids) + r.pending for r in reqs]],
+            [top_ks, [r.seed for r in reqs], [len(r.output_ids) + r.pending - 1 for r in reqs]],
             torch.int64,
             device,
         )
@@ -145,7 +146,7 @@ def _add_min_tokens_bans(sb: SamplingBatch, reqs: list[Req], device, eos_ids: se
     rows, tokens = [], []
     for row, req in enumerate(reqs):
         p = req.sampling
-        if len(req.output_ids) + req.pending >= p.min_new_tokens:
+        if len(req.output_ids) + req.pending - 1 >= p.min_new_tokens:
             continue
         banned = set(p.stop_token_ids) | (set() if p.ignore_eos else eos_ids)
         rows.extend([row] * len(banned))

@@ -20,6 +20,16 @@ from loom.runtime.scheduler.request import Req
 
 
 @dataclass
+class ForwardedStep:
+    """A queued forward whose logits row i is reqs[i]'s next token, not yet sampled.
+    Sampling waits until the previous step's tokens are processed, so grammar masks and
+    penalties see every token before the one they shape."""
+
+    reqs: list[Req]
+    logits: torch.Tensor
+
+
+@dataclass
 class SampledStep:
     """reqs[i] sampled the token in row i; each has it counted in req.pending."""
 
@@ -43,26 +53,38 @@ class StepSampler:
         self.device = device
         self.last_tokens = torch.zeros(num_rows, dtype=torch.int64, device=device)
 
-    @torch.inference_mode()  # penalties, bans and masks edit the runner's logits in place
+    def forwarded(self, reqs: list[Req], logits: torch.Tensor) -> ForwardedStep:
+        """Count the step's token in req.pending as soon as its forward is queued: later
+        steps place their tokens after it."""
+        for req in reqs:
+            req.pending += 1
+        return ForwardedStep(reqs, logits)
+
     def queue(self, reqs: list[Req], logits: torch.Tensor) -> SampledStep:
-        """Sample reqs[i]'s next token from logits row i; nothing waits for the device."""
+        return self.sample(self.forwarded(reqs, logits))
+
+    @torch.inference_mode()  # penalties, bans and masks edit the runner's logits in place
+    def sample(self, step: ForwardedStep) -> SampledStep:
+        """Sample each row's token on the device; nothing waits for the device. Requests
+        finished since the forward was queued are sampled unmasked (the token is dropped)."""
+        reqs, logits = step.reqs, step.logits
         logprob_rows = [i for i, r in enumerate(reqs) if r.return_logprob]
         raw = logits[logprob_rows].clone() if logprob_rows else None
         sb = batching.sampling_batch(reqs, self.vocab_size, self.device, self.eos_ids)
         apply_penalties(logits, sb)
         self._apply_grammar_masks(reqs, logits)
         next_ids = sample(logits, sb)
-        rows = to_device([r.req_pool_idx for r in reqs], torch.int64, self.device)
+        pad = self.last_tokens.numel() - 1  # finished requests gave their row back
+        rows = [pad if r.req_pool_idx is None else r.req_pool_idx for r in reqs]
+        rows = to_device(rows, torch.int64, self.device)
         self.last_tokens[rows] = next_ids
         logprobs = None
         if raw is not None:
             logprobs = OutputLogprobs(reqs, logprob_rows, raw, next_ids[logprob_rows])
-        for req in reqs:
-            req.pending += 1
         return SampledStep(reqs, HostCopy(next_ids), logprobs)
 
     def _apply_grammar_masks(self, reqs: list[Req], logits: torch.Tensor) -> None:
-        rows = [i for i, r in enumerate(reqs) if r.grammar is not None]
+        rows = [i for i, r in enumerate(reqs) if r.grammar is not None and not r.finished]
         if not rows:
             return
         bitmask = self.grammar.allocate_bitmask(len(reqs))

@@ -4,14 +4,15 @@ Each `step` runs one forward: an extend batch of newly admitted requests (or the
 chunk of a long prompt), or a decode batch of every running request. Extend and decode
 alternate while both have work, so decode keeps going between prefill chunks.
 
-Overlap scheduling (the default): a step is queued on the device with its sampling, and
-the host processes the previous step's tokens (finish checks, streaming, freeing KV)
-while it runs, so the device never waits for the host between steps. A decode step
-takes its input tokens from the device (StepSampler.last_tokens) and counts tokens the
-host has not read yet (req.pending) in positions and limits. A request that finishes in
-step N has also run in step N + 1: that token is discarded. Requests whose next step
-needs their tokens on the host (grammar masks, penalties over the output, drafts) and
-retraction make the scheduler process the queued step first.
+Overlap scheduling (the default): step N + 1's forward is queued on the device, then
+the host processes step N's tokens (grammar matchers, finish checks, streaming, freeing
+KV) while it runs, then step N + 1's sampling is queued, its grammar masks and penalties
+now seeing every earlier token. The device never waits for the host between steps as
+long as processing a step takes less time than a forward. A decode step takes its input
+tokens from the device (StepSampler.last_tokens) and counts tokens the host has not read
+yet (req.pending) in positions and limits. A request that finishes in step N has also
+run in step N + 1: that token is discarded. Jump-forward drafts and retraction need a
+request's tokens processed before its next forward: they process the queued step first.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ from loom.runtime.scheduler.kv_ops import KVOps
 from loom.runtime.scheduler.logprobs import gather_prompt_logprobs
 from loom.runtime.scheduler.policy import SchedulePolicy
 from loom.runtime.scheduler.request import FinishReason, Req
-from loom.runtime.scheduler.sampling import SampledStep, StepSampler
+from loom.runtime.scheduler.sampling import ForwardedStep, SampledStep, StepSampler
 
 logger = logging.getLogger(__name__)
 
@@ -190,12 +191,15 @@ class Scheduler:
         """Queue the next step; process the previous one's tokens while it runs (overlap)
         or this one's (no overlap)."""
         self._poll_grammars()
-        queued = self._queue_step()
+        forwarded = self._queue_step()
         self.drain()
-        if queued is not None and self.overlap:
+        if forwarded is None:
+            return
+        queued = self.sampler.sample(forwarded)
+        if self.overlap:
             self.inflight = queued
             self.stats["deferred_steps"] += 1
-        elif queued is not None:
+        else:
             self._process(queued)
 
     def drain(self) -> None:
@@ -204,7 +208,7 @@ class Scheduler:
             step, self.inflight = self.inflight, None
             self._process(step)
 
-    def _queue_step(self) -> SampledStep | None:
+    def _queue_step(self) -> ForwardedStep | None:
         decode_first = self.last_was_extend and self.running
         if not decode_first:
             ran, queued = self._run_extend_step()
@@ -230,7 +234,7 @@ class Scheduler:
                 still.append((req, future, deadline))
         self.grammar_queue = still
 
-    def _run_extend_step(self) -> tuple[bool, SampledStep | None]:
+    def _run_extend_step(self) -> tuple[bool, ForwardedStep | None]:
         adder = PrefillAdder(self, self.chunk_size)
         chunked, self.chunked = self.chunked, None
         if chunked is not None:
@@ -260,9 +264,9 @@ class Scheduler:
         rows = [i for i, r in enumerate(adder.reqs) if r.kv_len == r.seqlen and not r.finished]
         done = [adder.reqs[i] for i in rows]
         self.running.extend(done)
-        return True, self.sampler.queue(done, out.next_logits[rows]) if done else None
+        return True, self.sampler.forwarded(done, out.next_logits[rows]) if done else None
 
-    def _run_decode_step(self) -> SampledStep | None:
+    def _run_decode_step(self) -> ForwardedStep | None:
         if self.inflight is not None and self._needs_host_state(self.running):
             self.drain()
         # A request whose queued token reaches its length limit is done: skip it.
@@ -277,17 +281,14 @@ class Scheduler:
             self.running = [r for r in self.running if not r.finished]
             return None
         batch = batching.decode_batch(reqs, slots, self.device, self.sampler.last_tokens)
-        return self.sampler.queue(reqs, self.forward(batch).next_logits)
+        return self.sampler.forwarded(reqs, self.forward(batch).next_logits)
 
     def _needs_host_state(self, reqs: list[Req]) -> bool:
-        """Whether the next decode step needs the queued step's tokens on the host first:
-        grammar masks and drafts follow the output text, penalties count its tokens, and
-        retraction must not take a request whose token is still on its way."""
-        for r in reqs:
-            p = r.sampling
-            penalties = p.repetition_penalty != 1 or p.frequency_penalty or p.presence_penalty
-            if r.grammar is not None or r.draft_len or penalties:
-                return True
+        """Whether the next forward needs the queued step's tokens on the host first:
+        a jump-forward draft follows the grammar's state after them, and retraction must
+        not take a request whose token is still on its way."""
+        if self.jump is not None and any(r.grammar is not None or r.draft_len for r in reqs):
+            return True
         return self.kv.budget() < len(reqs)
 
     def forward(self, batch: ForwardBatch) -> LogitsOutput:
