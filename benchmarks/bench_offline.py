@@ -49,6 +49,8 @@ def run_loom(a, requests, overlap: bool = True) -> dict:
     )
     if a.max_running_requests:
         kw["max_running_requests"] = a.max_running_requests
+    if a.mem_fraction_static:
+        kw["mem_fraction_static"] = a.mem_fraction_static
     with Engine(a.model_path, **kw) as engine:
         warm = [(ids[:16], 4) for ids, _ in requests[:8]]
         _generate(engine, warm)
@@ -120,6 +122,7 @@ def main() -> None:
     p.add_argument("--random-output-len", type=int, default=256)
     p.add_argument("--random-range-ratio", type=float, default=0.5)
     p.add_argument("--max-running-requests", type=int, default=None)
+    p.add_argument("--mem-fraction-static", type=float, default=None)
     p.add_argument("--cuda-graph-max-bs", type=int, default=512)
     p.add_argument(
         "--overlap",

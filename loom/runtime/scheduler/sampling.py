@@ -88,6 +88,5 @@ class StepSampler:
         if not rows:
             return
         bitmask = self.grammar.allocate_bitmask(len(reqs))
-        for i in rows:
-            reqs[i].grammar.fill_bitmask(bitmask, i)
+        self.grammar.fill_bitmasks([reqs[i].grammar for i in rows], bitmask, rows)
         self.grammar.apply_bitmask(logits, bitmask, rows)
