@@ -129,6 +129,54 @@ def test_json_schema_gen_validates(backend):
     jsonschema.validate(json.loads(state["person"]), PERSON)
 
 
+NESTED = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "maxLength": 24},
+        "born": {"type": "integer"},
+        "address": {
+            "type": "object",
+            "properties": {
+                "city": {"type": "string", "maxLength": 24},
+                "country": {"type": "string", "maxLength": 24},
+            },
+            "required": ["city", "country"],
+        },
+        "alive": {"type": "boolean"},
+    },
+    "required": ["name", "born", "address", "alive"],
+}
+
+
+@loom.function
+def describe_person(s, who):
+    s += loom.user(f"Describe {who} as JSON: name, year born, address (city, country), alive.")
+    s += loom.assistant(loom.gen("person", json_schema=NESTED, max_tokens=64))
+
+
+def check_split_person(state, tokenizer) -> list[dict]:
+    """The person validates, appears once, and its meta info adds up; returns the parts'."""
+    value = state["person"]
+    jsonschema.validate(json.loads(value), NESTED)
+    assert state.text().count(value) == 1 and state.messages()[-1]["content"] == value
+    meta = state.get_meta_info("person")
+    parts = meta["parts"]  # name, born, city, country, alive; the rest is literal text
+    assert len(parts) == 5 and all(p["finish_reason"]["type"] == "stop" for p in parts)
+    assert meta["prompt_tokens"] == parts[0]["prompt_tokens"] > 0
+    assert meta["completion_tokens"] == sum(p["completion_tokens"] for p in parts)
+    # keys and braces are never generated: fewer tokens than the JSON text has
+    assert len(parts) <= meta["completion_tokens"] < len(tokenizer(value).input_ids)
+    return parts
+
+
+def test_json_schema_gen_sends_fixed_parts_as_prompt_text(backend):
+    state = describe_person.run(who="Ada Lovelace", backend=backend, **GREEDY)
+    parts = check_split_person(state, backend.tokenizer)
+    # each part's prompt extends the one before, whose tokens the radix cache holds
+    for before, part in zip(parts, parts[1:]):
+        assert part["cached_tokens"] >= before["prompt_tokens"] - 1
+
+
 def test_fork_branches_share_the_prefix_and_join_gathers(backend):
     @loom.function
     def prog(s):
@@ -287,6 +335,21 @@ def test_openai_regex_gen_is_honoured_by_the_literal_split(runtime, openai_chat)
 
     for prog, b in ((raw, completion), (chat, openai_chat)):
         assert re.fullmatch(pattern, prog.run(backend=b, **GREEDY)["a"])
+
+
+def test_openai_json_schema_gen_is_split_and_validates(runtime, openai_chat, default_model_dir):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(default_model_dir)
+    grammar = loom.OpenAI(
+        base_url=runtime.url + "/v1",
+        continue_final_message=True,
+        server_grammar=True,
+        max_retries=0,
+    )
+    for b in (grammar, openai_chat):  # regex parts enforced by loom / by the literal split
+        state = describe_person.run(who="Ada Lovelace", backend=b, **GREEDY)
+        check_split_person(state, tokenizer)
 
 
 def test_openai_select_without_prompt_logprobs_is_a_clear_error(runtime, openai_chat):

@@ -17,9 +17,14 @@ USAGE = NS(prompt_tokens=5, completion_tokens=2, prompt_tokens_details=None)
 
 
 class FakeClient:
-    def __init__(self, echo: dict[str, list[tuple[str, float | None]]] | None = None):
+    def __init__(
+        self,
+        echo: dict[str, list[tuple[str, float | None]]] | None = None,
+        chat_reply=None,
+    ):
         self.calls: list[tuple[str, dict]] = []
         self.echo = echo or {}
+        self.chat_reply = chat_reply or (lambda kw: "hi there")
         self.completions = NS(create=self._completion)
         self.chat = NS(completions=NS(create=self._chat))
 
@@ -41,7 +46,7 @@ class FakeClient:
 
     def _chat(self, **kw):
         self.calls.append(("chat", kw))
-        message = NS(content="hi there")
+        message = NS(content=self.chat_reply(kw))
         return NS(choices=[NS(message=message, finish_reason="stop", index=0)], usage=USAGE)
 
 
@@ -59,9 +64,12 @@ def test_sampling_params_map_to_openai_fields_and_extra_body():
     result = backend.generate(GenRequest("prompt", params))
     kw = client.calls[0][1]
     assert kw["max_tokens"] == 7 and kw["temperature"] == 0 and kw["stop"] == ["\n"]
-    assert kw["extra_body"] == {"top_k": 5}  # neutral values are not sent
-    assert kw["response_format"]["json_schema"]["schema"] == {"type": "object"}
+    # neutral values are not sent; the completions API takes response_format in the body
+    assert set(kw["extra_body"]) == {"top_k", "response_format"} and "response_format" not in kw
+    assert kw["extra_body"]["response_format"]["json_schema"]["schema"] == {"type": "object"}
     assert result.text == " done" and result.meta_info["prompt_tokens"] == 5
+    OpenAI("m", client=client).generate(GenRequest("", params, ({"role": "user", "content": "?"},)))
+    assert client.calls[-1][1]["response_format"]["json_schema"]["schema"] == {"type": "object"}
 
 
 def test_chat_model_gets_the_conversation_and_refuses_a_begun_answer():
@@ -112,3 +120,37 @@ def test_chat_model_select_is_refused_clearly():
 
     with pytest.raises(loom.LoomError, match="cannot score choices"):
         prog.run(backend=OpenAI("m", client=FakeClient()))
+
+
+PERSON = {
+    "type": "object",
+    "properties": {"name": {"type": "string"}, "tags": {"type": "array"}},
+    "required": ["name", "tags"],
+}
+
+
+@loom.function
+def describe(s):
+    s += loom.user("Describe Ada.") + loom.assistant(loom.gen("person", json_schema=PERSON))
+
+
+def test_chat_json_schema_is_split_when_the_server_continues_messages():
+    def reply(kw):  # the name cut at its stop; the tags held to their schema
+        return "Ada" if "stop" in kw else '["math"]'
+
+    client = FakeClient(chat_reply=reply)
+    state = describe.run(backend=OpenAI("m", client=client, continue_final_message=True))
+    assert json.loads(state["person"]) == {"name": "Ada", "tags": ["math"]}
+    name, tags = (kw for _, kw in client.calls)
+    assert name["messages"][-1] == {"role": "assistant", "content": '{"name": "'}
+    assert name["stop"] == ['",'] and "response_format" not in name
+    assert tags["messages"][-1] == {"role": "assistant", "content": '{"name": "Ada", "tags":'}
+    assert tags["response_format"]["json_schema"]["schema"] == {"type": "array"}
+
+
+def test_chat_json_schema_goes_whole_when_the_server_cannot_continue():
+    client = FakeClient(chat_reply=lambda kw: '{"name": "Ada", "tags": []}')
+    state = describe.run(backend=OpenAI("m", client=client))
+    ((_, kw),) = client.calls
+    assert kw["response_format"]["json_schema"]["schema"] == PERSON
+    assert state["person"] == '{"name": "Ada", "tags": []}'

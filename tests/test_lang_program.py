@@ -68,6 +68,21 @@ def test_regex_literal_prefix_is_sent_as_prompt_text():
     assert state["age"] == "Age: 42"
 
 
+def test_split_literals_false_sends_a_regex_whole():
+    backend = FakeBackend(reply=lambda req: "Age: 42")
+
+    @loom.function
+    def prog(s):
+        s += loom.gen("age", regex=r"Age: [0-9]+", split_literals=False)
+
+    assert prog.run(backend=backend)["age"] == "Age: 42"
+    (req,) = backend.requests
+    assert req.prompt == "" and req.sampling_params["regex"] == "Age: [0-9]+"
+    caps = Capabilities(grammar=False, chat_api=False, scoring=False, cache=False)
+    with pytest.raises(LoomError, match="split_literals=False cannot honour"):
+        prog.run(backend=FakeBackend(capabilities=caps))
+
+
 def test_regex_is_honoured_by_literal_split_without_server_grammar():
     outputs = iter(["Ada Lovelace, Age: nope", "36 years\n"])
     caps = Capabilities(grammar=False, chat_api=False, scoring=False, cache=False)

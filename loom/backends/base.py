@@ -25,6 +25,9 @@ class Capabilities:
     chat_api: bool  # gens go through a chat API (messages), not raw prompt text
     scoring: bool  # prompt-token logprobs, so `select` can score choices
     cache: bool  # a prefix cache that `cache_prefix` can warm
+    # continues text the program wrote: raw prompt text, or on a chat API a begun assistant
+    # message (so literal text a constraint forces can be sent as prompt text)
+    continue_text: bool = True
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,8 @@
 
 Chat models (the default) get the program's conversation as messages, so gens go inside
 assistant turns; completion models get the prompt text. JSON schemas go as
-`response_format`. Regexes are honoured by the language's literal split, unless
+`response_format` (in the request body for completion models, whose client method has no such
+parameter). Regexes are honoured by the language's literal split, unless
 `server_grammar=True` says the server enforces them itself (loom, SGLang and vLLM do, as
 the extra-body field `regex`). `select` scores choices with prompt logprobs, which only
 completion models on servers that echo them (`echo=True`, e.g. vLLM) return; elsewhere it
@@ -78,7 +79,11 @@ class OpenAI(ProgramBackend):
         self.is_chat_model = is_chat_model
         self.continue_final_message = continue_final_message
         self.capabilities = Capabilities(
-            grammar=server_grammar, chat_api=is_chat_model, scoring=not is_chat_model, cache=False
+            grammar=server_grammar,
+            chat_api=is_chat_model,
+            scoring=not is_chat_model,
+            cache=False,
+            continue_text=continue_final_message or not is_chat_model,
         )
 
     def _first_model(self) -> str:
@@ -176,7 +181,10 @@ class OpenAI(ProgramBackend):
                 extra[_EXTRA[key]] = value
             elif key == "json_schema":
                 schema = json.loads(value)
-                kwargs["response_format"] = {
+                # The completions API has no response_format parameter in the openai client;
+                # servers that take one there (loom, vLLM) read it from the body.
+                fields = kwargs if self.is_chat_model else extra
+                fields["response_format"] = {
                     "type": "json_schema",
                     "json_schema": {"name": "output", "schema": schema},
                 }

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from typing import Any
 
@@ -40,9 +41,14 @@ def gen(
     choices: list[str] | None = None,
     choices_method: ChoicesMethod = token_length_normalized,
     dtype: type | None = None,
+    split_literals: bool | None = None,
 ) -> Expr:
     """Generate text into variable `name`. At most one of regex / json_schema (a dict, a JSON
-    string or a pydantic model class) / ebnf / choices / dtype (int, float, bool, str)."""
+    string or a pydantic model class) / ebnf / choices / dtype (int, float, bool, str).
+
+    `split_literals` (on by default): text a regex or a JSON schema forces is sent as prompt
+    text, and only the free parts are generated (a JSON schema's each as its own request);
+    False sends the constraint whole, in one request."""
     _check_name(name)
     given = {
         "regex": regex,
@@ -76,7 +82,8 @@ def gen(
         json_schema=None if json_schema is None else schema_text(json_schema),
         ebnf=ebnf,
     )
-    return Gen(name, params, dtype if dtype is not str else None, return_logprob, top_logprobs_num)
+    dtype = dtype if dtype is not str else None
+    return Gen(name, params, dtype, return_logprob, top_logprobs_num, split_literals)
 
 
 def gen_int(name: str | None = None, **kwargs: Any) -> Expr:
@@ -95,7 +102,7 @@ def gen_string(name: str | None = None, **kwargs: Any) -> Expr:
     """A double-quoted string; the variable holds its (unescaped) content."""
     g = gen(name, regex=STRING_REGEX, **kwargs)
     assert isinstance(g, Gen)
-    return Gen(g.name, g.params, str, g.return_logprob, g.top_logprobs_num)
+    return dataclasses.replace(g, dtype=str)
 
 
 def select(

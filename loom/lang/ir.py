@@ -105,6 +105,7 @@ class Gen(Expr):
     dtype: type | None = None
     return_logprob: bool | None = None
     top_logprobs_num: int | None = None
+    split_literals: bool | None = None  # None: the run's default (on)
 
 
 @dataclass(frozen=True, eq=False)

@@ -20,7 +20,7 @@ from loom.lang.state import ProgramState, StateBase
 from loom.lang.tracer import trace_function
 
 # Run-level options besides the per-gen sampling parameters (SGLang's names).
-_RUN_OPTIONS = SAMPLING_KEYS | {"return_logprob", "top_logprobs_num"}
+_RUN_OPTIONS = SAMPLING_KEYS | {"return_logprob", "top_logprobs_num", "split_literals"}
 _ALIASES = {"max_tokens": "max_new_tokens", "min_tokens": "min_new_tokens"}
 Call = tuple[tuple, dict]
 
