@@ -51,6 +51,8 @@ def run_loom(a, requests, overlap: bool = True) -> dict:
         kw["max_running_requests"] = a.max_running_requests
     if a.mem_fraction_static:
         kw["mem_fraction_static"] = a.mem_fraction_static
+    if a.no_mixed_chunk:
+        kw["enable_mixed_chunk"] = False
     with Engine(a.model_path, **kw) as engine:
         warm = [(ids[:16], 4) for ids, _ in requests[:8]]
         _generate(engine, warm)
@@ -123,6 +125,7 @@ def main() -> None:
     p.add_argument("--random-range-ratio", type=float, default=0.5)
     p.add_argument("--max-running-requests", type=int, default=None)
     p.add_argument("--mem-fraction-static", type=float, default=None)
+    p.add_argument("--no-mixed-chunk", action="store_true", help="prefill and decode apart")
     p.add_argument("--cuda-graph-max-bs", type=int, default=512)
     p.add_argument(
         "--overlap",

@@ -21,7 +21,9 @@ JSON_CASES = [SCHEMAS[i] for i in (1, 2, 4, 5)]  # nested object, array, $ref, d
 
 @pytest.fixture(scope="module")
 def outputs():
-    with Engine(fetch_qwen25_coder_05b(), max_total_tokens=4096) as engine:
+    with Engine(
+        fetch_qwen25_coder_05b(), max_total_tokens=4096, enable_jump_forward=True
+    ) as engine:
         cases = [(p, {"json_schema": json.dumps(s)}) for p, s in JSON_CASES]
         cases += [(REGEXES[2][0], {"regex": REGEXES[2][1]}), (EBNFS[1][0], {"ebnf": EBNFS[1][1]})]
         cases += [(CHOICES[2][0], CHOICES[2][1])]

@@ -316,23 +316,3 @@ def test_factory(tokenizer):
     backend.shutdown()
     with pytest.raises(ValueError, match="unknown grammar backend"):
         create_grammar_backend("outlines", tokenizer, 100)
-
-
-def test_batched_mask_fill_equals_one_row_at_a_time(backend, tokenizer):
-    """fill_bitmasks (xgrammar's threads) writes exactly the rows each matcher fills alone,
-    into the rows it is given, for matchers at different points of their grammars."""
-    texts = ['{"name": "Al', '{"name": "Bob", "age": 4', "{", '{"name": "x", "age": 12}']
-    matchers = []
-    for text in texts:
-        matcher = backend.get_matcher("json_schema", PERSON).result()
-        assert matcher.accept_string(text)
-        matchers.append(matcher)
-    rows = [5, 0, 3, 1]
-    batched = backend.allocate_bitmask(6)
-    backend.fill_bitmasks(matchers, batched, rows)
-    for matcher, row in zip(matchers, rows):
-        alone = backend.allocate_bitmask(6)
-        matcher.fill_bitmask(alone, row)
-        assert torch.equal(batched[row], alone[row]), texts[rows.index(row)]
-    untouched = backend.allocate_bitmask(6)
-    assert torch.equal(batched[2], untouched[2]) and torch.equal(batched[4], untouched[4])

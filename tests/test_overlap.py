@@ -1,6 +1,7 @@
-"""Overlap scheduling: the host processes step N's tokens while step N + 1 runs. The
-reference is the same scheduler processing each step before queuing the next: overlap
-must change no token, finish reason or logprob, and leak no KV."""
+"""Overlap scheduling (the host processes step N's tokens while step N + 1 runs) and mixed
+steps (running requests decode inside a prefill's forward). The reference is the same
+scheduler processing each step before queuing the next, with prefill and decode in
+separate steps: neither may change a token, finish reason or logprob, or leak KV."""
 
 from __future__ import annotations
 
@@ -129,3 +130,21 @@ def test_abort_while_a_step_is_in_flight(tiny_model_factory):
     for rid in ("r0", "r2", "r3"):
         assert results[rid][0] == ref[rid][0] and len(ref[rid][0]) == 30
     _assert_pool_restored(sched)
+
+
+def test_mixed_prefill_and_decode_steps_change_no_output(tiny_model_factory):
+    folder = tiny_model_factory("qwen2")
+    runs, scheds = {}, {}
+    for mixed in (False, True):
+        scheds[mixed] = make_scheduler(
+            folder,
+            enable_mixed_chunk=mixed,
+            disable_overlap_schedule=not mixed,
+            chunked_prefill_size=16,
+        )
+        runs[mixed] = _run(scheds[mixed], _workload(16, seed=2))
+        _assert_pool_restored(scheds[mixed])
+    assert scheds[False].stats["mixed_steps"] == 0
+    assert scheds[True].stats["mixed_steps"] > 5
+    assert scheds[True].stats["forward_steps"] < scheds[False].stats["forward_steps"]
+    _same(runs[True], runs[False])

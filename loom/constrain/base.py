@@ -53,13 +53,6 @@ class GrammarBackend(ABC):
     def allocate_bitmask(self, batch_size: int) -> torch.Tensor:
         """A CPU bitmask with one row per request of a batch."""
 
-    def fill_bitmasks(
-        self, matchers: list[GrammarMatcher], bitmask: torch.Tensor, rows: list[int]
-    ) -> None:
-        """Fill row rows[i] of `bitmask` from matchers[i] (a backend may do it in parallel)."""
-        for matcher, row in zip(matchers, rows):
-            matcher.fill_bitmask(bitmask, row)
-
     @abstractmethod
     def apply_bitmask(
         self, logits: torch.Tensor, bitmask: torch.Tensor, rows: list[int] | None = None

@@ -106,7 +106,6 @@ class XGrammarBackend(GrammarBackend):
         self._cache: OrderedDict[tuple[str, str], Future[xgr.CompiledGrammar]] = OrderedDict()
         self._lock = threading.Lock()
         self._timers: set[threading.Timer] = set()
-        self._batch_matcher: xgr.BatchGrammarMatcher | None = None  # made on first use
 
     # -- validation -------------------------------------------------------------------
 
@@ -191,19 +190,6 @@ class XGrammarBackend(GrammarBackend):
         # Pageable on purpose: the buffer is refilled every step, and a pinned buffer
         # copied asynchronously could be overwritten while the copy is in flight.
         return xgr.allocate_token_bitmask(batch_size, self.vocab_size)
-
-    def fill_bitmasks(
-        self, matchers: list[GrammarMatcher], bitmask: torch.Tensor, rows: list[int]
-    ) -> None:
-        """Rows in parallel on xgrammar's threads: a row costs ~0.1-0.3 ms with a 150k
-        vocabulary, which serially outlasts a small model's forward at batch 16."""
-        if len(matchers) < 4 or not all(isinstance(m, XGrammarMatcher) for m in matchers):
-            super().fill_bitmasks(matchers, bitmask, rows)
-            return
-        if self._batch_matcher is None:
-            self._batch_matcher = xgr.BatchGrammarMatcher()
-        inner = [m._matcher for m in matchers]
-        self._batch_matcher.batch_fill_next_token_bitmask(inner, bitmask, indices=rows)
 
     def apply_bitmask(
         self, logits: torch.Tensor, bitmask: torch.Tensor, rows: list[int] | None = None

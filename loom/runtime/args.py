@@ -50,6 +50,9 @@ class ServerArgs:
         1.0, "weight of the KV reserve kept for running requests' future tokens"
     )
     disable_radix_cache: bool = _arg(False, "share no KV between requests (for comparison)")
+    enable_mixed_chunk: bool = _arg(
+        False, "decode the running requests in the same forward as a prefill"
+    )
     max_queued_requests: int | None = _arg(None, "answer 503 beyond this many waiting requests")
 
     # Kernels

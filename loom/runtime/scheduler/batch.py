@@ -16,26 +16,43 @@ from loom.runtime.scheduler.request import Req
 
 
 def extend_batch(
-    reqs: list[Req], starts: list[int], pool: ReqToTokenPool, device: torch.device
+    reqs: list[Req],
+    starts: list[int],
+    pool: ReqToTokenPool,
+    device: torch.device,
+    last_tokens: torch.Tensor | None = None,
+    riders: int = 0,
 ) -> ForwardBatch:
-    """Tokens fill_ids[start : req.kv_len] of each request; starts are the cached lengths."""
+    """Tokens fill_ids[start : req.kv_len] of each request; starts are the cached lengths.
+    The last `riders` requests are running ones decoding in the same forward: one token
+    each, at position kv_len - 1 (its slot just allocated), read from last_tokens on the
+    device since the host may not have it yet."""
     ids: list[int] = []
     positions: list[int] = []
     ext_lens, logits_starts = [], []
-    for req, start in zip(reqs, starts):
+    prefilling = len(reqs) - riders
+    for req, start in zip(reqs[:prefilling], starts):
         ids.extend(req.fill_ids[start : req.kv_len])
         positions.extend(range(start, req.kv_len))
         ext_lens.append(req.kv_len - start)
         # A jump-forward draft is verified against the logits at every position it runs.
         logits_starts.append(0 if req.draft_len else prompt_logits_start(req, start))
+    for req in reqs[prefilling:]:
+        ids.append(0)
+        positions.append(req.kv_len - 1)
+        ext_lens.append(1)
+        logits_starts.append(-1)
     slots = torch.cat([pool.read(r.req_pool_idx, s, r.kv_len) for r, s in zip(reqs, starts)])
     per_req = to_device(
         [[r.req_pool_idx for r in reqs], [r.kv_len for r in reqs]], torch.int64, device
     )
+    input_ids = to_device(ids, torch.int64, device)
+    if riders:
+        input_ids[-riders:] = last_tokens[per_req[0][-riders:]]
     return ForwardBatch(
         mode=ForwardMode.EXTEND,
         batch_size=len(reqs),
-        input_ids=to_device(ids, torch.int64, device),
+        input_ids=input_ids,
         positions=to_device(positions, torch.int64, device),
         req_pool_indices=per_req[0],
         seq_lens=per_req[1],

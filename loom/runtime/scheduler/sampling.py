@@ -88,5 +88,6 @@ class StepSampler:
         if not rows:
             return
         bitmask = self.grammar.allocate_bitmask(len(reqs))
-        self.grammar.fill_bitmasks([reqs[i].grammar for i in rows], bitmask, rows)
+        for i in rows:
+            reqs[i].grammar.fill_bitmask(bitmask, i)
         self.grammar.apply_bitmask(logits, bitmask, rows)

@@ -76,6 +76,7 @@ class Scheduler:
         self.chunked: Req | None = None  # mid-prefill: gets its next chunk before others
         self.outbox: list[m.ReqOutput] = []
         self.last_was_extend = False
+        self.mixed = False  # the last extend step also decoded the running requests
         # Share of running requests' remaining max_new_tokens reserved in admission:
         # decays while decoding goes well, jumps back up after a retraction.
         self.init_token_ratio = min(0.7 * args.schedule_conservativeness, 1.0)
@@ -87,6 +88,7 @@ class Scheduler:
             "retractions": 0,
             "forward_steps": 0,
             "deferred_steps": 0,  # steps whose tokens were processed while the next ran
+            "mixed_steps": 0,  # prefill steps that also decoded the running requests
         }
 
     # ---- requests in -------------------------------------------------------------------
@@ -212,8 +214,8 @@ class Scheduler:
         decode_first = self.last_was_extend and self.running
         if not decode_first:
             ran, queued = self._run_extend_step()
-            if ran:
-                self.last_was_extend = True
+            if ran:  # a mixed step decoded the running requests too
+                self.last_was_extend = not self.mixed
                 return queued
         self.last_was_extend = False
         return self._run_decode_step() if self.running else None
@@ -247,10 +249,18 @@ class Scheduler:
             return False, None
         admitted = {id(r) for r in adder.reqs}
         self.waiting = [r for r in self.waiting if id(r) not in admitted]
+        riders = self._decode_riders()
         batch = batching.extend_batch(
-            adder.reqs, adder.starts, self.runner.req_to_token_pool, self.device
+            adder.reqs + riders,
+            adder.starts + [r.kv_len - 1 for r in riders],
+            self.runner.req_to_token_pool,
+            self.device,
+            self.sampler.last_tokens,
+            len(riders),
         )
         out = self.forward(batch)
+        self.mixed = bool(riders)
+        self.stats["mixed_steps"] += self.mixed
         gather_prompt_logprobs(adder.reqs, adder.starts, out)
         done = [r for r in adder.reqs if r.kv_len == r.seqlen]
         self.chunked = next((r for r in adder.reqs if r.kv_len < r.seqlen), None)
@@ -264,7 +274,21 @@ class Scheduler:
         rows = [i for i, r in enumerate(adder.reqs) if r.kv_len == r.seqlen and not r.finished]
         done = [adder.reqs[i] for i in rows]
         self.running.extend(done)
-        return True, self.sampler.forwarded(done, out.next_logits[rows]) if done else None
+        rows += range(len(adder.reqs), len(adder.reqs) + len(riders))
+        sampled = done + riders
+        return True, self.sampler.forwarded(sampled, out.next_logits[rows]) if sampled else None
+
+    def _decode_riders(self) -> list[Req]:
+        """Running requests that decode in the coming prefill's forward (mixed step): the
+        weights are read once for both, and decoding does not stall behind prefills.
+        None when the step needs the host's view first (drafts) or KV is short."""
+        if not self.args.enable_mixed_chunk or not self.running:
+            return []
+        if self._needs_host_state(self.running):
+            return []
+        riders = [r for r in self.running if not self.finish.out_of_room(r)]
+        self.kv.alloc_decode_slots(riders, self.retract)  # budget checked: no retraction
+        return riders
 
     def _run_decode_step(self) -> ForwardedStep | None:
         if self.inflight is not None and self._needs_host_state(self.running):
