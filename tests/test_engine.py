@@ -197,6 +197,7 @@ def test_prompt_logprobs_only_with_zero_new_tokens(engine, hf):
         (dict(sampling_params={"top_p": 1.5}), "top_p"),
         (dict(sampling_params={"temperature": -0.1}), "temperature"),
         (dict(sampling_params={"max_tokens": 5}), "unknown sampling parameter"),
+        (dict(sampling_params={"stop_regex": ["x+"]}), "stop_regex is not supported"),
         (dict(sampling_params={"temperature": "hot"}), "temperature"),
         (dict(input_ids=[5] * 2000), "context length"),
         (dict(input_ids=[]), "input_ids"),

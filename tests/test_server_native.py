@@ -209,6 +209,16 @@ def test_model_info_and_server_info_describe_the_server(url, folder):
     assert set(info["process_ids"]) == {"server", "scheduler", "detokenizer"}
 
 
+def test_sglang_frontend_requests_are_understood(url):
+    """SGLang's RuntimeEndpoint asks /get_model_info and sends every sampling field it
+    knows, unset ones as null (stop_regex among them)."""
+    assert httpx.get(url + "/get_model_info").json() == httpx.get(url + "/model_info").json()
+    params = {"max_new_tokens": 2, "temperature": 0, "stop_regex": None, "regex": None, "n": 1}
+    response = post(url, "/generate", {"text": "Hello", "sampling_params": params})
+    assert response.status_code == 200
+    assert response.json()["meta_info"]["completion_tokens"] == 2
+
+
 def test_flush_cache_empties_the_prefix_cache(url):
     post(url, "/generate", {"input_ids": [9, 8, 7, 6], "sampling_params": {"max_new_tokens": 2}})
     assert server_info(url)["cache_tokens"] > 0

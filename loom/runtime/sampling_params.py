@@ -10,6 +10,10 @@ class InvalidRequestError(ValueError):
     """A request the caller must fix; nothing was scheduled."""
 
 
+# SGLang's frontend sends these with every request; loom accepts them while unset.
+_ACCEPTED_WHEN_UNSET = ("stop_regex",)
+
+
 @dataclass
 class SamplingParams:
     max_new_tokens: int = 128
@@ -41,6 +45,12 @@ class SamplingParams:
     @classmethod
     def from_dict(cls, d: dict | None) -> SamplingParams:
         d = dict(d or {})
+        for key in _ACCEPTED_WHEN_UNSET:
+            if d.get(key) not in (None, [], ""):
+                raise InvalidRequestError(
+                    f"{key} is not supported; use stop (strings) or stop_token_ids"
+                )
+            d.pop(key, None)
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - names)
         if unknown:

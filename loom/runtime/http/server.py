@@ -87,9 +87,10 @@ def _add_native_routes(app: FastAPI, engine: Engine, frontend: Frontend) -> None
         return JSONResponse({"status": "ok"})
 
     @app.get("/model_info")
+    @app.get("/get_model_info")  # SGLang's name: its frontend's RuntimeEndpoint asks it
     async def model_info() -> dict:
         return {
-            "model_path": engine.args.model_path,
+            "model_path": engine.args.model_path or engine.model_folder,
             "model_folder": engine.model_folder,
             "tokenizer_path": engine.args.tokenizer_path or engine.model_folder,
             "served_model_name": served_model_name(engine),
@@ -100,6 +101,7 @@ def _add_native_routes(app: FastAPI, engine: Engine, frontend: Frontend) -> None
         }
 
     @app.get("/server_info")
+    @app.get("/get_server_info")  # SGLang's name
     async def server_info() -> dict:
         info = await frontend.server_info()
         return {
