@@ -36,38 +36,23 @@ def questions(n: int) -> list[str]:
     return [f"Tell me one fact about {TOPICS[i % len(TOPICS)]} (#{i})." for i in range(n)]
 
 
-def loom_programs(n_tokens: int):
-    @loom.function
+def programs(lang, n_tokens: int) -> dict:
+    """The benchmark's programs written with `lang`: the loom module or SGLang's
+    sglang.lang.api, whose primitives have the same names and arguments."""
+
+    @lang.function
     def one_turn(s, q):
-        s += loom.system(SYSTEM)
-        s += loom.user(q)
-        s += loom.assistant(loom.gen("a", max_tokens=n_tokens, temperature=0, ignore_eos=True))
+        s += lang.system(SYSTEM)
+        s += lang.user(q)
+        s += lang.assistant(lang.gen("a", max_tokens=n_tokens, temperature=0, ignore_eos=True))
 
-    @loom.function
+    @lang.function
     def three_turns(s, q):
-        s += loom.system(SYSTEM)
+        s += lang.system(SYSTEM)
         for i, follow in enumerate([q, "Why?", "Say it differently."]):
-            s += loom.user(follow)
-            gen = loom.gen(f"a{i}", max_tokens=n_tokens, temperature=0, ignore_eos=True)
-            s += loom.assistant(gen)
-
-    return {"one_turn": one_turn, "three_turns": three_turns}
-
-
-def sglang_programs(sgl, n_tokens: int):
-    @sgl.function
-    def one_turn(s, q):
-        s += sgl.system(SYSTEM)
-        s += sgl.user(q)
-        s += sgl.assistant(sgl.gen("a", max_tokens=n_tokens, temperature=0, ignore_eos=True))
-
-    @sgl.function
-    def three_turns(s, q):
-        s += sgl.system(SYSTEM)
-        for i, follow in enumerate([q, "Why?", "Say it differently."]):
-            s += sgl.user(follow)
-            gen = sgl.gen(f"a{i}", max_tokens=n_tokens, temperature=0, ignore_eos=True)
-            s += sgl.assistant(gen)
+            s += lang.user(follow)
+            gen = lang.gen(f"a{i}", max_tokens=n_tokens, temperature=0, ignore_eos=True)
+            s += lang.assistant(gen)
 
     return {"one_turn": one_turn, "three_turns": three_turns}
 
@@ -148,22 +133,19 @@ def main() -> None:
 
 def run(a, sgl, SglEndpoint) -> None:
     backends = {"loom": loom.RuntimeEndpoint(a.url), "sglang": SglEndpoint(a.url)}
-    programs = {
-        "loom": loom_programs(a.output_len),
-        "sglang": sglang_programs(sgl, a.output_len),
-    }
+    progs = {"loom": programs(loom, a.output_len), "sglang": programs(sgl, a.output_len)}
     items = [{"q": q} for q in questions(a.num_programs)]
     flush = backends["loom"].flush_cache
     rows = []
     for name, last_var in (("one_turn", "a"), ("three_turns", "a2")):
         for frontend in ("loom", "sglang"):  # warm up: threads, templates, first requests
-            programs[frontend][name].run_batch(items[:4], backend=backends[frontend])
+            progs[frontend][name].run_batch(items[:4], backend=backends[frontend])
         times: dict[str, list[float]] = {"loom": [], "sglang": []}
         tokens = {}
         for _ in range(a.repeats):  # interleaved, each from an empty cache
             for frontend in ("loom", "sglang"):
                 flush()
-                prog = programs[frontend][name]
+                prog = progs[frontend][name]
                 seconds, *tokens[frontend] = timed_batch(prog, items, backends[frontend], last_var)
                 times[frontend].append(seconds)
         med = {f: statistics.median(t) for f, t in times.items()}
