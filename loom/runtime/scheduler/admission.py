@@ -1,4 +1,5 @@
-"""Admission control: which waiting requests join the next extend batch.
+"""Admission control: whether a request can ever run, and which waiting requests join
+the next extend batch.
 
 A request is admitted while the KV budget (free slots + evictable cache) covers its new
 tokens plus a reserve for the future tokens of everything running. The reserve counts
@@ -14,6 +15,22 @@ from loom.runtime.scheduler.request import Req
 
 if TYPE_CHECKING:
     from loom.runtime.scheduler.scheduler import Scheduler
+
+
+def admissibility_problem(req: Req, runner, grammar_enabled: bool) -> str | None:
+    """Why `req` can never run on this model and pool (None when it can)."""
+    n = len(req.origin_input_ids)
+    if n == 0:
+        return "the prompt is empty"
+    if n >= runner.context_len:
+        return f"the prompt has {n} tokens; the context length is {runner.context_len}"
+    if n + 1 > runner.max_total_tokens:
+        return f"the prompt ({n} tokens) does not fit the KV pool ({runner.max_total_tokens})"
+    if max(req.origin_input_ids) >= runner.vocab_size or min(req.origin_input_ids) < 0:
+        return f"input_ids must be in [0, {runner.vocab_size})"
+    if req.sampling.constraint is not None and not grammar_enabled:
+        return "constrained decoding is disabled (--grammar-backend none)"
+    return None
 
 
 class PrefillAdder:

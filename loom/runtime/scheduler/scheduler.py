@@ -26,17 +26,18 @@ import torch
 from transformers import AutoTokenizer
 
 from loom.constrain.schema_check import validate_output
-from loom.radix.base import PrefixCache
 from loom.runtime import messages as m
 from loom.runtime.args import ServerArgs
 from loom.runtime.executor.forward_batch import ForwardBatch
 from loom.runtime.executor.model_runner import LogitsOutput, ModelRunner
 from loom.runtime.scheduler import batch as batching
-from loom.runtime.scheduler.admission import PrefillAdder
+from loom.runtime.scheduler import parts
+from loom.runtime.scheduler.admission import PrefillAdder, admissibility_problem
 from loom.runtime.scheduler.finish import FinishChecker
 from loom.runtime.scheduler.jump_forward import JumpForward, drop_draft
 from loom.runtime.scheduler.kv_ops import KVOps
 from loom.runtime.scheduler.logprobs import gather_prompt_logprobs
+from loom.runtime.scheduler.output import take_output
 from loom.runtime.scheduler.policy import SchedulePolicy
 from loom.runtime.scheduler.request import FinishReason, Req
 from loom.runtime.scheduler.sampling import ForwardedStep, SampledStep, StepSampler
@@ -50,14 +51,14 @@ class Scheduler:
         self.runner = ModelRunner(args, model_folder)
         self.device = self.runner.device
         self.tokenizer = AutoTokenizer.from_pretrained(args.tokenizer_path or model_folder)
-        self.eos_ids = eos_token_ids(self.runner.config, self.tokenizer, model_folder)
-        self.kv = KVOps(self.runner, _make_cache(args, self.runner))
+        self.eos_ids = parts.eos_token_ids(self.runner.config, self.tokenizer, model_folder)
+        self.kv = KVOps(self.runner, parts.make_cache(args, self.runner))
         self.policy = SchedulePolicy(args.schedule_policy, self.kv.cache, self.kv.match)
         self.finish = FinishChecker(self.tokenizer, self.eos_ids, self.runner.context_len)
-        self.grammar = _make_grammar_backend(
+        self.grammar = parts.make_grammar_backend(
             args, self.tokenizer, self.runner.vocab_size, self.eos_ids
         )
-        self.chunk_size = _chunk_size(args, self.device)
+        self.chunk_size = parts.chunk_size(args, self.device)
         self.jump = JumpForward(self) if args.enable_jump_forward else None
         self.sampler = StepSampler(
             self.grammar,
@@ -105,7 +106,7 @@ class Scheduler:
             stream=msg.stream,
             seed=seed,
         )
-        problem = self._admissibility_problem(req)
+        problem = admissibility_problem(req, self.runner, self.grammar is not None)
         if problem:
             self._finish(req, FinishReason("abort", None, problem))
             return
@@ -117,22 +118,6 @@ class Scheduler:
         self.grammar_queue.append(
             (req, future, time.monotonic() + self.args.grammar_compile_timeout)
         )
-
-    def _admissibility_problem(self, req: Req) -> str | None:
-        n = len(req.origin_input_ids)
-        if n == 0:
-            return "the prompt is empty"
-        if n >= self.runner.context_len:
-            return f"the prompt has {n} tokens; the context length is {self.runner.context_len}"
-        if n + 1 > self.runner.max_total_tokens:
-            return (
-                f"the prompt ({n} tokens) does not fit the KV pool ({self.runner.max_total_tokens})"
-            )
-        if max(req.origin_input_ids) >= self.runner.vocab_size or min(req.origin_input_ids) < 0:
-            return f"input_ids must be in [0, {self.runner.vocab_size})"
-        if req.sampling.constraint is not None and self.grammar is None:
-            return "constrained decoding is disabled (--grammar-backend none)"
-        return None
 
     def abort(self, rid: str) -> None:
         for queue in (self.waiting, [g[0] for g in self.grammar_queue]):
@@ -403,72 +388,4 @@ class Scheduler:
         self._emit(req)
 
     def _emit(self, req: Req) -> None:
-        out = m.ReqOutput(
-            rid=req.rid,
-            new_token_ids=req.output_ids[req.sent_len :],
-            finished_reason=req.finished_reason.to_json() if req.finished_reason else None,
-            prompt_tokens=len(req.origin_input_ids),
-            completion_tokens=len(req.output_ids),
-            cached_tokens=req.cached_tokens,
-            stop=req.sampling.stop,
-            skip_special_tokens=req.sampling.skip_special_tokens,
-            spaces_between_special_tokens=req.sampling.spaces_between_special_tokens,
-            no_stop_trim=req.sampling.no_stop_trim,
-            schema_violation=req.schema_violation,
-        )
-        if req.return_logprob:
-            out.output_token_logprobs = req.output_token_logprobs[req.sent_logprob_len :]
-            out.output_top_logprobs = req.output_top_logprobs[req.sent_logprob_len :]
-            req.sent_logprob_len = len(req.output_token_logprobs)
-            if not req.sent_input_logprobs:
-                out.input_token_logprobs = req.input_token_logprobs
-                out.input_top_logprobs = req.input_top_logprobs
-                req.sent_input_logprobs = True
-        req.sent_len = len(req.output_ids)
-        self.outbox.append(out)
-
-
-def eos_token_ids(config, tokenizer, folder: str) -> set[int]:
-    ids: set[int] = set()
-    for source in (getattr(config, "eos_token_id", None), tokenizer.eos_token_id):
-        if isinstance(source, int):
-            ids.add(source)
-        elif isinstance(source, list):
-            ids.update(source)
-    try:
-        from transformers import GenerationConfig
-
-        gen = GenerationConfig.from_pretrained(folder).eos_token_id
-        ids.update(gen if isinstance(gen, list) else [gen] if gen is not None else [])
-    except OSError:
-        pass
-    return ids
-
-
-def _make_cache(args: ServerArgs, runner: ModelRunner) -> PrefixCache:
-    if args.disable_radix_cache:
-        from loom.radix.chunk_cache import ChunkCache
-
-        return ChunkCache(runner.allocator)
-    from loom.radix.cache import RadixCache
-
-    return RadixCache(runner.allocator)
-
-
-def _make_grammar_backend(args: ServerArgs, tokenizer, vocab_size: int, eos_ids: set[int]):
-    from loom.constrain.factory import create_grammar_backend
-
-    return create_grammar_backend(
-        args.grammar_backend,
-        tokenizer,
-        vocab_size,
-        compile_timeout=args.grammar_compile_timeout,
-        stop_token_ids=sorted(eos_ids),
-    )
-
-
-def _chunk_size(args: ServerArgs, device: torch.device) -> int | None:
-    size = args.chunked_prefill_size
-    if size is None:
-        size = 8192 if device.type == "cuda" else 2048
-    return None if size <= 0 else size
+        self.outbox.append(take_output(req))

@@ -1,0 +1,56 @@
+"""The scheduler's parts that ServerArgs and the model decide: stop ids, prefix cache,
+grammar backend, prefill chunk size."""
+
+from __future__ import annotations
+
+import torch
+
+from loom.radix.base import PrefixCache
+from loom.runtime.args import ServerArgs
+from loom.runtime.executor.model_runner import ModelRunner
+
+
+def eos_token_ids(config, tokenizer, folder: str) -> set[int]:
+    ids: set[int] = set()
+    for source in (getattr(config, "eos_token_id", None), tokenizer.eos_token_id):
+        if isinstance(source, int):
+            ids.add(source)
+        elif isinstance(source, list):
+            ids.update(source)
+    try:
+        from transformers import GenerationConfig
+
+        gen = GenerationConfig.from_pretrained(folder).eos_token_id
+        ids.update(gen if isinstance(gen, list) else [gen] if gen is not None else [])
+    except OSError:
+        pass
+    return ids
+
+
+def make_cache(args: ServerArgs, runner: ModelRunner) -> PrefixCache:
+    if args.disable_radix_cache:
+        from loom.radix.chunk_cache import ChunkCache
+
+        return ChunkCache(runner.allocator)
+    from loom.radix.cache import RadixCache
+
+    return RadixCache(runner.allocator)
+
+
+def make_grammar_backend(args: ServerArgs, tokenizer, vocab_size: int, eos_ids: set[int]):
+    from loom.constrain.factory import create_grammar_backend
+
+    return create_grammar_backend(
+        args.grammar_backend,
+        tokenizer,
+        vocab_size,
+        compile_timeout=args.grammar_compile_timeout,
+        stop_token_ids=sorted(eos_ids),
+    )
+
+
+def chunk_size(args: ServerArgs, device: torch.device) -> int | None:
+    size = args.chunked_prefill_size
+    if size is None:
+        size = 8192 if device.type == "cuda" else 2048
+    return None if size <= 0 else size
