@@ -11,7 +11,7 @@ from loom.runtime.executor.model_runner import ModelRunner
 from loom.runtime.sampling_params import SamplingParams
 from loom.runtime.scheduler import batch as batching
 from loom.runtime.scheduler.request import Req
-from tests.test_models import make_scheduler, run_scheduler
+from tests.test_models import make_scheduler, random_prompts, run_scheduler
 from tests.tiny_models import VOCAB, word_tokenizer
 
 pytestmark = pytest.mark.gpu
@@ -89,11 +89,7 @@ def test_flashinfer_matches_torch_native(gpu_model):
 
 
 def test_cuda_graph_decoding_gives_the_eager_tokens(gpu_model):
-    g = torch.Generator().manual_seed(2)
-    prompts = [
-        torch.randint(2, VOCAB - 2, (int(n),), generator=g).tolist()
-        for n in torch.randint(4, 200, (13,), generator=g)
-    ]  # 13: a padded graph size
+    prompts = random_prompts(13, seed=2, hi=200)  # 13: a padded graph size
     params = dict(max_new_tokens=24, temperature=0, ignore_eos=True)
     outs = {}
     for disable in (True, False):
@@ -125,11 +121,7 @@ def test_fused_cuda_layers_match_transformers(gpu_model):
 
 
 def test_overlap_scheduling_gives_the_same_greedy_tokens(gpu_model):
-    g = torch.Generator().manual_seed(5)
-    prompts = [
-        torch.randint(2, VOCAB - 2, (int(n),), generator=g).tolist()
-        for n in torch.randint(4, 300, (24,), generator=g)
-    ]
+    prompts = random_prompts(24, seed=5, hi=300)
     outs, deferred = {}, {}
     for disable in (True, False):
         # Mixed steps off: they move tokens between kernels, and bf16 ties then flip.

@@ -19,7 +19,7 @@ from tests.tiny_models import VOCAB, hf_greedy, load_reference
 ATOL = 2e-4
 
 
-def _prompts(n: int, seed: int, lo: int = 4, hi: int = 40) -> list[list[int]]:
+def random_prompts(n: int, seed: int, lo: int = 4, hi: int = 40) -> list[list[int]]:
     g = torch.Generator().manual_seed(seed)
     lens = torch.randint(lo, hi, (n,), generator=g).tolist()
     return [torch.randint(2, VOCAB - 2, (k,), generator=g).tolist() for k in lens]
@@ -45,7 +45,7 @@ def test_prefill_and_decode_logits_match_transformers(arch, tiny_model_factory):
     folder = tiny_model_factory(arch)
     hf = load_reference(folder)
     runner = _runner(folder)
-    prompts = _prompts(3, seed=1)
+    prompts = random_prompts(3, seed=1)
     reqs = _start(runner, prompts)
     out = runner.forward(batching.extend_batch(reqs, [0] * 3, runner.req_to_token_pool, "cpu"))
     for req, logits in zip(reqs, out.prompt_logits):
@@ -99,7 +99,7 @@ def make_scheduler(folder: str, **kw) -> Scheduler:
 def test_greedy_continuous_batching_matches_transformers(arch, tiny_model_factory):
     folder = tiny_model_factory(arch)
     hf = load_reference(folder)
-    prompts = _prompts(8, seed=2)
+    prompts = random_prompts(8, seed=2)
     results = run_scheduler(
         make_scheduler(folder), prompts, dict(max_new_tokens=32, temperature=0, ignore_eos=True)
     )
@@ -122,7 +122,7 @@ def test_half_precision_runs_close_to_float32(dtype, tiny_model_factory):
     runner = ModelRunner(
         ServerArgs(model_path=folder, device="cpu", dtype=dtype, max_total_tokens=512), folder
     )
-    prompt = _prompts(1, seed=3)[0]
+    prompt = random_prompts(1, seed=3)[0]
     reqs = _start(runner, [prompt])
     out = runner.forward(batching.extend_batch(reqs, [0], runner.req_to_token_pool, "cpu"))
     ref = hf(torch.tensor([prompt])).logits[0, -1]
