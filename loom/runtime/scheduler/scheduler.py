@@ -77,7 +77,6 @@ class Scheduler:
         self.chunked: Req | None = None  # mid-prefill: gets its next chunk before others
         self.outbox: list[m.ReqOutput] = []
         self.last_was_extend = False
-        self.mixed = False  # the last extend step also decoded the running requests
         # Share of running requests' remaining max_new_tokens reserved in admission:
         # decays while decoding goes well, jumps back up after a retraction.
         self.init_token_ratio = min(0.7 * args.schedule_conservativeness, 1.0)
@@ -199,8 +198,7 @@ class Scheduler:
         decode_first = self.last_was_extend and self.running
         if not decode_first:
             ran, queued = self._run_extend_step()
-            if ran:  # a mixed step decoded the running requests too
-                self.last_was_extend = not self.mixed
+            if ran:
                 return queued
         self.last_was_extend = False
         return self._run_decode_step() if self.running else None
@@ -244,8 +242,9 @@ class Scheduler:
             len(riders),
         )
         out = self.forward(batch)
-        self.mixed = bool(riders)
-        self.stats["mixed_steps"] += self.mixed
+        # A mixed step decoded the running requests too: no decode step is owed next.
+        self.last_was_extend = not riders
+        self.stats["mixed_steps"] += bool(riders)
         gather_prompt_logprobs(adder.reqs, adder.starts, out)
         done = [r for r in adder.reqs if r.kv_len == r.seqlen]
         self.chunked = next((r for r in adder.reqs if r.kv_len < r.seqlen), None)
@@ -271,17 +270,13 @@ class Scheduler:
             return []
         if self._needs_host_state(self.running):
             return []
-        riders = [r for r in self.running if not self.finish.out_of_room(r)]
-        self.kv.alloc_decode_slots(riders, self.retract)  # budget checked: no retraction
+        riders, _ = self._decoders_with_slots()  # budget checked: no retraction
         return riders
 
     def _run_decode_step(self) -> ForwardedStep | None:
         if self.inflight is not None and self._needs_host_state(self.running):
             self.drain()
-        # A request whose queued token reaches its length limit is done: skip it.
-        reqs = [r for r in self.running if not self.finish.out_of_room(r)]
-        slots = self.kv.alloc_decode_slots(reqs, self.retract)
-        self.running = [r for r in self.running if r.req_pool_idx is not None]  # retracted
+        reqs, slots = self._decoders_with_slots()
         if not reqs:
             return None
         self.new_token_ratio = max(self.new_token_ratio - 0.001, 0.1 * self.init_token_ratio)
@@ -291,6 +286,15 @@ class Scheduler:
             return None
         batch = batching.decode_batch(reqs, slots, self.device, self.sampler.last_tokens)
         return self.sampler.forwarded(reqs, self.forward(batch).next_logits)
+
+    def _decoders_with_slots(self) -> tuple[list[Req], torch.Tensor | None]:
+        """The running requests that decode now, each given the KV slot of its next token
+        (retracting the least advanced when even eviction cannot make room). A request
+        whose queued token reaches its length limit is done: it is skipped."""
+        reqs = [r for r in self.running if not self.finish.out_of_room(r)]
+        slots = self.kv.alloc_decode_slots(reqs, self.retract)
+        self.running = [r for r in self.running if r.req_pool_idx is not None]  # retracted
+        return reqs, slots
 
     def _needs_host_state(self, reqs: list[Req]) -> bool:
         """Whether the next forward needs the queued step's tokens on the host first:
