@@ -83,7 +83,9 @@ class ReqToTokenPool:
 
 
 class KVCachePool:
-    """Per-layer K and V buffers of shape (size + 1, kv_heads, head_dim); row 0 is padding."""
+    """Per-layer KV buffers of shape (size + 1, 2, kv_heads, head_dim): a slot's K and V
+    side by side, so one indexed store writes both; row 0 is padding. k_buffers and
+    v_buffers are strided views of the same memory."""
 
     def __init__(
         self,
@@ -96,14 +98,35 @@ class KVCachePool:
     ):
         self.size = size
         self.dtype = dtype
-        shape = (size + 1, num_kv_heads, head_dim)
-        self.k_buffers = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
-        self.v_buffers = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        shape = (size + 1, 2, num_kv_heads, head_dim)
+        self.kv_buffers = [
+            torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)
+        ]
+        self.k_buffers = [kv[:, 0] for kv in self.kv_buffers]
+        self.v_buffers = [kv[:, 1] for kv in self.kv_buffers]
 
     @staticmethod
     def bytes_per_token(num_layers: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype):
         return 2 * num_layers * num_kv_heads * head_dim * torch.finfo(dtype).bits // 8
 
     def store(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        kv = _side_by_side(k, v)
+        if kv is not None and kv.dtype == self.dtype:
+            self.kv_buffers[layer][slots] = kv  # one kernel instead of two
+            return
         self.k_buffers[layer][slots] = k.to(self.dtype)
         self.v_buffers[layer][slots] = v.to(self.dtype)
+
+
+def _side_by_side(k: torch.Tensor, v: torch.Tensor) -> torch.Tensor | None:
+    """k and v (tokens, kv_heads, head_dim) as one (tokens, 2, kv_heads, head_dim) view
+    when v directly follows k in every row, as it does in a fused QKV projection's output
+    (head-dense rows); None otherwise."""
+    n, heads, dim = k.shape
+    if v.shape != k.shape or v.dtype != k.dtype or k.stride() != v.stride():
+        return None
+    if k.stride()[1:] != (dim, 1) or v.data_ptr() - k.data_ptr() != heads * dim * k.element_size():
+        return None
+    if v.untyped_storage().data_ptr() != k.untyped_storage().data_ptr():
+        return None
+    return k.as_strided((n, 2, heads, dim), (k.stride(0), heads * dim, dim, 1))

@@ -48,10 +48,8 @@ class FlashInferBackend(AttentionBackend):
         # the next plan may come before that upload ran, so it waits for it first.
         self._plan_uploaded = torch.cuda.Event()
         self._plan_pending = False
-        self.caches = [
-            (k.view(k.shape[0], 1, *k.shape[1:]), v.view(v.shape[0], 1, *v.shape[1:]))
-            for k, v in zip(kv_pool.k_buffers, kv_pool.v_buffers)
-        ]
+        # (pages, 2, page_size 1, kv_heads, head_dim): FlashInfer's combined NHD layout.
+        self.caches = [kv.unsqueeze(2) for kv in kv_pool.kv_buffers]
 
     def _decode_wrapper(self, graph_bs: int | None = None, indices: torch.Tensor | None = None):
         if graph_bs is None:

@@ -1,0 +1,194 @@
+"""The decode step's kernels one at a time, each replayed in a CUDA graph (no launch
+overhead), with the bytes it must move and the bandwidth it reaches.
+
+Variants measured side by side, to choose between them on the card at hand:
+  linear     F.linear(x, W) against the same product written as W @ x.T, and with
+             cuBLASLt; shapes of the model's four projections and LM head
+  attention  FlashInfer decode through tensor cores (the prefill kernel) and through CUDA
+             cores, per layer, over a paged KV pool of page size 1
+  kv store   two indexed stores (K, then V) against one store of K and V together
+             (the pool's (slots, 2, kv_heads, head_dim) layout)
+  silu·mul   FlashInfer's fused kernel against torch's silu and multiply
+
+    python benchmarks/bench_kernels.py --model-path benchmarks/configs/llama-3.1-8b \
+        --batch-sizes 1,8,64,256 --context-len 512
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from bench_one_batch import copy_bandwidth
+
+
+def graph_us(fn: Callable[[], object], reps: int = 50) -> float:
+    """Microseconds per call of fn, replayed `reps` times inside one CUDA graph."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(reps):
+            fn()
+    graph.replay()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    best = float("inf")
+    for _ in range(5):
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        best = min(best, start.elapsed_time(end) * 1e3 / reps)
+    return best
+
+
+def linear_rows(cfg: dict, batch_sizes: list[int], dev) -> list[tuple]:
+    h, inter = cfg["hidden_size"], cfg["intermediate_size"]
+    heads, kv_heads = cfg["num_attention_heads"], cfg["num_key_value_heads"]
+    d = cfg.get("head_dim") or h // heads
+    shapes = {
+        "qkv": ((heads + 2 * kv_heads) * d, h),
+        "o": (h, heads * d),
+        "gate_up": (2 * inter, h),
+        "down": (h, inter),
+        "lm_head": (cfg["vocab_size"], h),
+    }
+    rows = []
+    for name, (out_f, in_f) in shapes.items():
+        w = torch.randn(out_f, in_f, device=dev, dtype=torch.bfloat16) * 0.02
+        for bs in batch_sizes:
+            x = torch.randn(bs, in_f, device=dev, dtype=torch.bfloat16)
+            nbytes = w.numel() * 2 + (bs * (in_f + out_f)) * 2
+            variants = {
+                "F.linear": lambda x=x, w=w: F.linear(x, w),
+                "W @ x.T": lambda x=x, w=w: torch.mm(w, x.t()),
+            }
+            for variant, fn in variants.items():
+                us = graph_us(fn)
+                rows.append(("linear", f"{name} {out_f}x{in_f}", bs, variant, us, nbytes))
+            torch.backends.cuda.preferred_blas_library("cublaslt")
+            us = graph_us(variants["F.linear"])
+            torch.backends.cuda.preferred_blas_library("cublas")
+            rows.append(("linear", f"{name} {out_f}x{in_f}", bs, "F.linear cublasLt", us, nbytes))
+    return rows
+
+
+def attention_rows(cfg: dict, batch_sizes: list[int], ctx: int, dev) -> list[tuple]:
+    import flashinfer
+
+    heads, kv_heads = cfg["num_attention_heads"], cfg["num_key_value_heads"]
+    d = cfg.get("head_dim") or cfg["hidden_size"] // heads
+    rows = []
+    max_bs = max(batch_sizes)
+    slots = max_bs * ctx + 1
+    kv = torch.randn(slots, 2, 1, kv_heads, d, device=dev, dtype=torch.bfloat16)
+    workspace = torch.empty(256 << 20, dtype=torch.uint8, device=dev)
+    for bs in batch_sizes:
+        q = torch.randn(bs, heads, d, device=dev, dtype=torch.bfloat16)
+        indptr = torch.arange(bs + 1, dtype=torch.int32) * ctx
+        indices = torch.randperm(slots - 1, device=dev)[: bs * ctx].to(torch.int32) + 1
+        nbytes = bs * ctx * 2 * kv_heads * d * 2
+        for tc in (True, False):
+            wrapper = flashinfer.BatchDecodeWithPagedKVCacheWrapper(
+                workspace,
+                "NHD",
+                use_cuda_graph=True,
+                use_tensor_cores=tc,
+                paged_kv_indptr_buffer=torch.zeros(bs + 1, dtype=torch.int32, device=dev),
+                paged_kv_indices_buffer=torch.zeros(bs * ctx, dtype=torch.int32, device=dev),
+                paged_kv_last_page_len_buffer=torch.ones(bs, dtype=torch.int32, device=dev),
+            )
+            wrapper.plan(
+                indptr, indices, torch.ones(bs, dtype=torch.int32), heads, kv_heads, d, 1,
+                q_data_type=torch.bfloat16, kv_data_type=torch.bfloat16,
+            )  # fmt: skip
+            us = graph_us(lambda w=wrapper, q=q: w.run(q, kv))
+            variant = "tensor cores" if tc else "CUDA cores"
+            rows.append(("attention", f"decode ctx {ctx}", bs, variant, us, nbytes))
+    return rows
+
+
+def store_rows(cfg: dict, batch_sizes: list[int], dev) -> list[tuple]:
+    heads, kv_heads = cfg["num_attention_heads"], cfg["num_key_value_heads"]
+    d = cfg.get("head_dim") or cfg["hidden_size"] // heads
+    rows = []
+    pool = torch.zeros(65536, 2, kv_heads, d, device=dev, dtype=torch.bfloat16)
+    k_buf, v_buf = pool[:, 0], pool[:, 1]
+    for bs in batch_sizes:
+        qkv = torch.randn(bs, (heads + 2 * kv_heads) * d, device=dev, dtype=torch.bfloat16)
+        k = qkv[:, heads * d : (heads + kv_heads) * d].view(bs, kv_heads, d)
+        v = qkv[:, (heads + kv_heads) * d :].view(bs, kv_heads, d)
+        kv = qkv[:, heads * d :].view(bs, 2, kv_heads, d)
+        loc = torch.randperm(65535, device=dev)[:bs] + 1
+        nbytes = 2 * bs * 2 * kv_heads * d * 2
+
+        def two(loc=loc, k=k, v=v):
+            k_buf[loc] = k
+            v_buf[loc] = v
+
+        def one(loc=loc, kv=kv):
+            pool[loc] = kv
+
+        rows.append(("kv store", "per layer", bs, "K then V", graph_us(two), nbytes))
+        rows.append(("kv store", "per layer", bs, "K and V at once", graph_us(one), nbytes))
+    return rows
+
+
+def silu_rows(cfg: dict, batch_sizes: list[int], dev) -> list[tuple]:
+    import flashinfer.activation
+
+    inter = cfg["intermediate_size"]
+    rows = []
+    for bs in batch_sizes:
+        x = torch.randn(bs, 2 * inter, device=dev, dtype=torch.bfloat16)
+        nbytes = bs * 3 * inter * 2
+
+        def torch_silu(x=x):
+            gate, up = x.split(inter, dim=-1)
+            return F.silu(gate) * up
+
+        fused = graph_us(lambda x=x: flashinfer.activation.silu_and_mul(x))
+        rows.append(("silu·mul", "", bs, "flashinfer", fused, nbytes))
+        rows.append(("silu·mul", "", bs, "torch", graph_us(torch_silu), nbytes))
+    return rows
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--model-path", default="benchmarks/configs/llama-3.1-8b")
+    p.add_argument("--batch-sizes", default="1,8,64,256")
+    p.add_argument("--context-len", type=int, default=512)
+    p.add_argument("--only", default="linear,attention,store,silu")
+    a = p.parse_args()
+    with open(os.path.join(a.model_path, "config.json")) as f:
+        cfg = json.load(f)
+    dev = torch.device("cuda")
+    sizes = [int(s) for s in a.batch_sizes.split(",")]
+    bw = copy_bandwidth(dev)
+    print(f"{torch.cuda.get_device_name()}; copy bandwidth {bw / 1e12:.2f} TB/s; {a.model_path}")
+    groups = {
+        "linear": lambda: linear_rows(cfg, sizes, dev),
+        "attention": lambda: attention_rows(cfg, sizes, a.context_len, dev),
+        "store": lambda: store_rows(cfg, sizes, dev),
+        "silu": lambda: silu_rows(cfg, sizes, dev),
+    }
+    print("| op | shape | bs | variant | µs | bytes | TB/s | % of copy bw |")
+    print("|---|---|---|---|---|---|---|---|")
+    for name in a.only.split(","):
+        for op, shape, bs, variant, us, nbytes in groups[name]():
+            tbs = nbytes / (us * 1e-6) / 1e12
+            pct = 100 * nbytes / (us * 1e-6) / bw
+            print(f"| {op} | {shape} | {bs} | {variant} | {us:.1f} | {nbytes:,} | {tbs:.2f} | {pct:.0f}% |")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
