@@ -5,6 +5,9 @@
 --mode host: the offline workload of bench_offline run through the scheduler in this
     process under cProfile: the host functions that cost most, and how long the host
     waited for the device (HostCopy.get) — near zero means the host is the bottleneck.
+--mode steps: the same workload without cProfile; each forward's device time (CUDA
+    events around it), grouped by kind (prefill / decode by batch size): where a run's
+    seconds go, and how much of the wall time the device was idle.
 
     python benchmarks/profile_engine.py --mode kernels --model-path benchmarks/configs/llama-3.1-8b \
         --load-format dummy --batch-size 1 --context 512
@@ -78,7 +81,8 @@ def profile_kernels(a) -> None:
         print(f"{us:>9.1f} {calls:>6.0f} {us / total:>6.1%}  {name}")
 
 
-def profile_host(a) -> None:
+def sharegpt_scheduler(a) -> tuple[Scheduler, int]:
+    """A scheduler holding bench_offline's ShareGPT requests, and their count."""
     import json
 
     with open(a.sharegpt_path) as f:
@@ -96,6 +100,51 @@ def profile_host(a) -> None:
     for i, r in enumerate(rows):
         params = SamplingParams(max_new_tokens=r["output_len"], ignore_eos=True, temperature=0)
         sched.add_request(GenerateRequest(f"q{i}", r["input_ids"], params))
+    return sched, len(rows)
+
+
+def profile_steps(a) -> None:
+    sched, n = sharegpt_scheduler(a)
+    runner, forward = sched.runner, sched.runner.forward
+    log = []  # (kind, batch size, new tokens, start event, end event)
+
+    def timed(batch):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        out = forward(batch)
+        end.record()
+        kind = "decode" if batch.mode.name == "DECODE" else "prefill"
+        log.append((kind, batch.batch_size, batch.input_ids.numel(), start, end))
+        return out
+
+    runner.forward = timed
+    start = time.perf_counter()
+    while sched.has_work():
+        sched.step()
+        sched.take_outputs()
+    torch.cuda.synchronize()
+    wall = time.perf_counter() - start
+    groups: dict[str, list[float]] = defaultdict(lambda: [0, 0.0, 0])
+    for kind, bs, tokens, s, e in log:
+        if kind == "decode":
+            top = next(b for b in (1, 16, 64, 128, 256, 512, 1024, 1 << 30) if bs <= b)
+            kind = f"decode bs <= {top}"
+        g = groups[kind]
+        g[0] += 1
+        g[1] += s.elapsed_time(e) / 1e3
+        g[2] += tokens
+    busy = sum(g[1] for g in groups.values())
+    tokens = sched.stats["generation_tokens"]
+    print(f"\n{n} requests: {wall:.2f} s wall, {tokens / wall:.0f} output tok/s, {len(log)} steps")
+    print(f"device busy in forwards {busy:.2f} s ({busy / wall:.1%} of wall)")
+    print("| kind | steps | seconds | share of wall | ms / step | new tokens |")
+    print("|---|---|---|---|---|---|")
+    for kind, (steps, secs, toks) in sorted(groups.items(), key=lambda kv: -kv[1][1]):
+        print(f"| {kind} | {steps} | {secs:.2f} | {secs / wall:.1%} | {1e3 * secs / steps:.2f} | {toks} |")  # fmt: skip
+
+
+def profile_host(a) -> None:
+    sched, n = sharegpt_scheduler(a)
     prof = cProfile.Profile()
     start = time.perf_counter()
     prof.enable()
@@ -106,7 +155,7 @@ def profile_host(a) -> None:
     elapsed = time.perf_counter() - start
     tokens = sched.stats["generation_tokens"]
     print(
-        f"\n{len(rows)} requests: {elapsed:.1f} s, {tokens / elapsed:.0f} output tok/s, "
+        f"\n{n} requests: {elapsed:.1f} s, {tokens / elapsed:.0f} output tok/s, "
         f"{sched.stats['forward_steps']} steps"
     )
     pstats.Stats(prof).sort_stats("tottime").print_stats(30)
@@ -114,7 +163,7 @@ def profile_host(a) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--mode", choices=["kernels", "host"], required=True)
+    p.add_argument("--mode", choices=["kernels", "host", "steps"], required=True)
     p.add_argument("--model-path", required=True)
     p.add_argument("--load-format", default="dummy")
     p.add_argument("--tokenizer-path", default=None)
@@ -123,7 +172,7 @@ def main() -> None:
     p.add_argument("--sharegpt-path", default=None)
     p.add_argument("--num-prompts", type=int, default=1000)
     a = p.parse_args()
-    profile_kernels(a) if a.mode == "kernels" else profile_host(a)
+    {"kernels": profile_kernels, "host": profile_host, "steps": profile_steps}[a.mode](a)
 
 
 if __name__ == "__main__":

@@ -64,7 +64,7 @@ def _prefill_then_decode(runner: ModelRunner, prompts: list[list[int]]) -> list[
     out = runner.forward(
         batching.extend_batch(reqs, [0] * len(reqs), runner.req_to_token_pool, "cuda")
     )
-    logits = [out.next_logits]
+    logits = [out.next_logits.float()]  # the model's dtype (bf16) as the runner returns it
     for req, row in zip(reqs, out.next_logits):
         req.output_ids.append(int(row.argmax()))
     slots = runner.allocator.alloc(len(reqs))
@@ -75,7 +75,7 @@ def _prefill_then_decode(runner: ModelRunner, prompts: list[list[int]]) -> list[
     for req in reqs:
         last_tokens[req.req_pool_idx] = req.output_ids[-1]
     batch = batching.decode_batch(reqs, slots, "cuda", last_tokens)
-    logits.append(runner.forward(batch).next_logits)
+    logits.append(runner.forward(batch).next_logits.float())
     return logits
 
 

@@ -26,8 +26,9 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 
 @dataclass
 class LogitsOutput:
-    next_logits: torch.Tensor  # (bs, vocab) float32: logits after each request's last token
-    # EXTEND only, per request: logits of new tokens from logits_start on (n_i, vocab), or None
+    next_logits: torch.Tensor  # (bs, vocab) model dtype: logits after each request's last token
+    # EXTEND only, per request: float32 logits of new tokens from logits_start on (n_i, vocab),
+    # or None
     prompt_logits: list[torch.Tensor | None]
 
 
@@ -108,6 +109,9 @@ class ModelRunner:
         if self.args.max_total_tokens is not None:
             return self.args.max_total_tokens
         if self.device.type == "cuda":
+            # Memory the loader freed (float32 parameters before the cast) stays in torch's
+            # cache and would count as used: 8B models lost ~18 GB of KV to it.
+            torch.cuda.empty_cache()
             free, total = torch.cuda.mem_get_info(self.device)
             fraction = self.args.mem_fraction_static or 0.85
             budget = free - total * (1 - fraction)
@@ -180,9 +184,8 @@ class ModelRunner:
         offset = 0
         for ext_len, start in zip(batch.extend_seq_lens_cpu, batch.logits_start_cpu):
             if start >= 0:
-                prompt_logits.append(
-                    self.model.compute_logits(hidden[offset + start : offset + ext_len])
-                )
+                logits = self.model.compute_logits(hidden[offset + start : offset + ext_len])
+                prompt_logits.append(logits.float())
             else:
                 prompt_logits.append(None)
             offset += ext_len

@@ -129,7 +129,9 @@ class LlamaForCausalLM(nn.Module):
         return hidden
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return torch.nn.functional.linear(hidden, self.lm_head_weight).float()
+        """In the model's dtype: the sampler widens them only when it needs to (a greedy
+        batch's argmax is the same on bf16 logits, and skips a float32 copy of them)."""
+        return torch.nn.functional.linear(hidden, self.lm_head_weight)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         params = dict(self.named_parameters())

@@ -71,8 +71,12 @@ class StepSampler:
         logprob_rows = [i for i, r in enumerate(reqs) if r.return_logprob]
         raw = logits[logprob_rows].clone() if logprob_rows else None
         sb = batching.sampling_batch(reqs, self.vocab_size, self.device, self.eos_ids)
+        masked = [i for i, r in enumerate(reqs) if r.grammar is not None and not r.finished]
+        penalized = sb.repetition_penalties is not None or sb.frequency_penalties is not None
+        if not sb.all_greedy or penalized or masked:
+            logits = logits.float()  # bf16 -> a float32 copy; a plain argmax reads bf16 as is
         apply_penalties(logits, sb)
-        self._apply_grammar_masks(reqs, logits)
+        self._apply_grammar_masks(reqs, masked, logits)
         next_ids = sample(logits, sb)
         pad = self.last_tokens.numel() - 1  # finished requests gave their row back
         rows = [pad if r.req_pool_idx is None else r.req_pool_idx for r in reqs]
@@ -83,8 +87,7 @@ class StepSampler:
             logprobs = OutputLogprobs(reqs, logprob_rows, raw, next_ids[logprob_rows])
         return SampledStep(reqs, HostCopy(next_ids), logprobs)
 
-    def _apply_grammar_masks(self, reqs: list[Req], logits: torch.Tensor) -> None:
-        rows = [i for i, r in enumerate(reqs) if r.grammar is not None and not r.finished]
+    def _apply_grammar_masks(self, reqs: list[Req], rows: list[int], logits: torch.Tensor):
         if not rows:
             return
         bitmask = self.grammar.allocate_bitmask(len(reqs))
