@@ -110,7 +110,7 @@ class ModelRunner:
             return self.args.max_total_tokens
         if self.device.type == "cuda":
             # Memory the loader freed (float32 parameters before the cast) stays in torch's
-            # cache and would count as used: 8B models lost ~18 GB of KV to it.
+            # cache and would count as used: Llama-3.1-8B lost ~15 GB of KV to it.
             torch.cuda.empty_cache()
             free, total = torch.cuda.mem_get_info(self.device)
             fraction = self.args.mem_fraction_static or 0.85
