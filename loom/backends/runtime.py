@@ -13,8 +13,6 @@ import sys
 import tempfile
 import time
 
-import httpx
-
 from loom.backends.runtime_endpoint import RuntimeEndpoint
 from loom.runtime.args import ServerArgs
 
@@ -64,11 +62,8 @@ class Runtime:
                 raise RuntimeStartError(
                     f"loom serve exited with code {code} during start-up:\n{self.log_tail()}"
                 )
-            try:
-                if httpx.get(self.url + "/health", timeout=2.0).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
+            if self.endpoint.health(timeout=2.0):
+                return
             time.sleep(0.2)
         raise RuntimeStartError(
             f"loom serve was not healthy after {timeout:.0f}s:\n{self.log_tail()}"

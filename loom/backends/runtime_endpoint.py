@@ -127,8 +127,8 @@ class RuntimeEndpoint:
     def flush_cache(self) -> dict:
         return self._call("POST", "/flush_cache")
 
-    def health(self) -> bool:
-        conn = self._new_connection(HEALTH_TIMEOUT)
+    def health(self, timeout: float = HEALTH_TIMEOUT) -> bool:
+        conn = self._new_connection(timeout)
         try:
             conn.request("GET", self._prefix + "/health")
             return conn.getresponse().status == 200
