@@ -24,6 +24,7 @@ from collections import defaultdict
 import torch
 
 from loom.runtime.args import ServerArgs
+from loom.runtime.executor.forward_batch import ForwardMode
 from loom.runtime.executor.model_runner import ModelRunner
 from loom.runtime.messages import GenerateRequest
 from loom.runtime.sampling_params import SamplingParams
@@ -113,7 +114,7 @@ def profile_steps(a) -> None:
         start.record()
         out = forward(batch)
         end.record()
-        kind = "decode" if batch.mode.name == "DECODE" else "prefill"
+        kind = "decode" if batch.mode is ForwardMode.DECODE else "prefill"
         log.append((kind, batch.batch_size, batch.input_ids.numel(), start, end))
         return out
 
