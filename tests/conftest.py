@@ -5,7 +5,12 @@ import os
 import pytest
 import torch
 
-from tests.tiny_models import build_tiny_model
+# Without a GPU, Triton kernels' tests run in its interpreter; this must come before
+# anything imports triton (transformers does).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from tests.tiny_models import build_tiny_model  # noqa: E402
 
 ARCHS = ["llama", "qwen2", "qwen3", "mistral"]
 

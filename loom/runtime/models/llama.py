@@ -12,7 +12,8 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from loom.runtime.executor.forward_batch import ForwardBatch
+from loom.runtime.executor.forward_batch import ForwardBatch, ForwardMode
+from loom.runtime.layers import small_batch
 from loom.runtime.layers.attention.base import Attention
 from loom.runtime.layers.mlp import GatedMLP
 from loom.runtime.layers.norm import RMSNorm
@@ -97,6 +98,44 @@ class LlamaDecoderLayer(nn.Module):
         hidden, residual = self.post_attention_layernorm.forward_with_residual(hidden, residual)
         return self.mlp(hidden), residual
 
+    def supports_small_batch(self) -> bool:
+        """Whether forward_small_batch computes what forward does for this layer."""
+        attn = self.self_attn
+        return (
+            type(attn).qk_norm is LlamaAttention.qk_norm
+            and self.mlp.fused_silu
+            and attn.head_dim % 16 == 0
+        )
+
+    def forward_small_batch(self, batch: ForwardBatch, residual: torch.Tensor) -> None:
+        """Decode of a few rows in five kernels (small_batch's), updating the residual
+        stream in place: norm+qkv+RoPE+KV store, attention, o+add, norm+gate_up+SiLU,
+        down+add."""
+        attn, mlp, core = self.self_attn, self.mlp, self.self_attn.attn
+        norm1, norm2 = self.input_layernorm, self.post_attention_layernorm
+        q = small_batch.qkv_rope_store(
+            residual,
+            attn.qkv_proj.weight,
+            attn.qkv_proj.bias,
+            (norm1.weight, norm1.eps),
+            batch.positions,
+            batch.out_cache_loc,
+            attn.rotary.cos_sin,
+            core.backend.kv_pool.kv_buffers[core.layer_id],
+            attn.num_heads,
+            attn.num_kv_heads,
+            attn.head_dim,
+        )
+        n = residual.shape[0]
+        out = core.backend.decode(q.view(n, attn.num_heads, attn.head_dim), core, batch)
+        o_proj = attn.o_proj
+        small_batch.gemv(out.reshape(n, attn.q_size), o_proj.weight, o_proj.bias, residual=residual)
+        gate_up = mlp.gate_up_proj
+        act = small_batch.gemv_silu_mul(
+            residual, gate_up.weight, gate_up.bias, norm=(norm2.weight, norm2.eps)
+        )
+        small_batch.gemv(act, mlp.down_proj.weight, mlp.down_proj.bias, residual=residual)
+
 
 class LlamaForCausalLM(nn.Module):
     layer_cls = LlamaDecoderLayer
@@ -114,6 +153,7 @@ class LlamaForCausalLM(nn.Module):
         if not self.tie_word_embeddings:
             self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.rotary = rotary
+        self._small_batch_layers: bool | None = None  # all layers can run small_batch's kernels
 
     @property
     def lm_head_weight(self) -> torch.Tensor:
@@ -121,6 +161,11 @@ class LlamaForCausalLM(nn.Module):
 
     def forward(self, batch: ForwardBatch) -> torch.Tensor:
         """Final normed hidden states of every new token: (num_tokens, hidden)."""
+        if self._small_batch(batch):
+            residual = self.embed_tokens(batch.input_ids)
+            for layer in self.layers:
+                layer.forward_small_batch(batch, residual)
+            return self.norm(residual)
         hidden = self.embed_tokens(batch.input_ids)
         residual = None
         for layer in self.layers:
@@ -128,10 +173,25 @@ class LlamaForCausalLM(nn.Module):
         hidden, _ = self.norm.forward_with_residual(hidden, residual)
         return hidden
 
+    def _small_batch(self, batch: ForwardBatch) -> bool:
+        """Decode of at most small_batch.DECODE_ROWS rows runs through its fused kernels."""
+        if batch.mode is not ForwardMode.DECODE or batch.batch_size > small_batch.DECODE_ROWS:
+            return False
+        weight = self.embed_tokens.weight
+        if not small_batch.available(weight):
+            return False
+        if self._small_batch_layers is None:
+            self._small_batch_layers = all(layer.supports_small_batch() for layer in self.layers)
+        backend = self.layers[0].self_attn.attn.backend
+        return self._small_batch_layers and backend.kv_pool.dtype == weight.dtype
+
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """In the model's dtype: the sampler widens them only when it needs to (a greedy
         batch's argmax is the same on bf16 logits, and skips a float32 copy of them)."""
-        return torch.nn.functional.linear(hidden, self.lm_head_weight)
+        weight = self.lm_head_weight
+        if hidden.shape[0] <= small_batch.DECODE_ROWS and small_batch.available(hidden):
+            return small_batch.gemv(hidden.contiguous(), weight)  # faster than cuBLAS's GEMV
+        return torch.nn.functional.linear(hidden, weight)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         params = dict(self.named_parameters())
