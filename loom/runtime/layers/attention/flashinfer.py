@@ -48,6 +48,7 @@ class FlashInferBackend(AttentionBackend):
         # the next plan may come before that upload ran, so it waits for it first.
         self._plan_uploaded = torch.cuda.Event()
         self._plan_pending = False
+        self._ones: torch.Tensor | None = None
         # (pages, 2, page_size 1, kv_heads, head_dim): FlashInfer's combined NHD layout.
         self.caches = [kv.unsqueeze(2) for kv in kv_pool.kv_buffers]
 
@@ -95,7 +96,7 @@ class FlashInferBackend(AttentionBackend):
         if self._plan_pending:
             self._plan_uploaded.synchronize()
         indptr, indices = self._page_table(batch)
-        last_page_len = torch.ones(batch.batch_size, dtype=torch.int32)
+        last_page_len = self._ones_host(batch.batch_size)
         common = dict(q_data_type=self.dtype, kv_data_type=self.dtype, sm_scale=self.scale)
         if batch.mode is ForwardMode.DECODE:
             wrapper = self.graph_wrappers[batch.batch_size] if batch.in_cuda_graph else None
@@ -120,6 +121,12 @@ class FlashInferBackend(AttentionBackend):
         self._plan_pending = True
         batch.attn_metadata = _Plan(wrapper)
 
+    def _ones_host(self, n: int) -> torch.Tensor:
+        """Pinned int32 ones (every page holds one token): never written, so shared."""
+        if self._ones is None or self._ones.numel() < n:
+            self._ones = torch.ones(max(n, 1024), dtype=torch.int32).pin_memory()
+        return self._ones[:n]
+
     # ---- per layer -----------------------------------------------------------------------
 
     def extend(self, q: torch.Tensor, layer: Attention, batch: ForwardBatch) -> torch.Tensor:
@@ -130,7 +137,11 @@ class FlashInferBackend(AttentionBackend):
 
 
 def _indptr(lengths: list[int]) -> torch.Tensor:
-    """Host int32 prefix sums [0, l0, l0+l1, ...] (FlashInfer plans without a device sync)."""
-    out = torch.zeros(len(lengths) + 1, dtype=torch.int32)
+    """Host int32 prefix sums [0, l0, l0+l1, ...] (FlashInfer plans without a device sync).
+
+    Pinned: FlashInfer uploads its host arguments with non_blocking copies, and a copy from
+    pageable memory first waits for the stream to drain, i.e. for the step still running,
+    which would leave the device idle while the host finishes the next step's set-up."""
+    out = torch.zeros(len(lengths) + 1, dtype=torch.int32, pin_memory=True)
     torch.cumsum(torch.tensor(lengths, dtype=torch.int32), 0, out=out[1:])
     return out
