@@ -112,11 +112,12 @@ if triton is not None:
 
     @triton.jit
     def _accumulate(
-        x_ptr, x_stride, w_ptr, w_stride, norm_ptr, eps, rows, row_ok, M, K,
+        x_ptr, x_stride, w_ptr, w_stride, bias_ptr, norm_ptr, eps, rows, row_ok, M, K,
         M_BLOCK: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-        NORM: tl.constexpr, EVEN_K: tl.constexpr, PDL: tl.constexpr,
+        NORM: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr, PDL: tl.constexpr,
     ):  # fmt: skip
-        """acc[m, i] = sum_k xn[m, k] * W[rows[i], k], xn = rmsnorm(x) when NORM.
+        """acc[m, i] = sum_k xn[m, k] * W[rows[i], k] (+ bias[rows[i]]), xn = rmsnorm(x)
+        when NORM.
 
         With PDL (programmatic dependent launch) the kernel starts while the one before it
         finishes: it fetches its first weight chunk (weights are never written), then waits
@@ -149,6 +150,8 @@ if triton is not None:
             acc = _dot_chunk(
                 acc, w, x_ptr, x_stride, ks, M, K, inv, norm_ptr, M_BLOCK, BLOCK_K, NORM
             )
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)[None, :]
         return acc
 
     @triton.jit
@@ -161,11 +164,9 @@ if triton is not None:
         rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         row_ok = rows < N
         acc = _accumulate(
-            x_ptr, x_stride, w_ptr, w_stride, norm_ptr, eps, rows, row_ok, M, K,
-            M_BLOCK, BLOCK_N, BLOCK_K, NORM, EVEN_K, PDL,
+            x_ptr, x_stride, w_ptr, w_stride, bias_ptr, norm_ptr, eps, rows, row_ok, M, K,
+            M_BLOCK, BLOCK_N, BLOCK_K, NORM, HAS_BIAS, EVEN_K, PDL,
         )  # fmt: skip
-        if HAS_BIAS:
-            acc += tl.load(bias_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)[None, :]
         ms = tl.arange(0, M_BLOCK)
         ok = (ms < M)[:, None] & row_ok[None, :]
         y = acc.to(out_ptr.dtype.element_ty)
@@ -187,11 +188,9 @@ if triton is not None:
         rows = (r % 2) * HALF_N + cols
         row_ok = cols < HALF_N
         acc = _accumulate(
-            x_ptr, x_stride, w_ptr, w_stride, norm_ptr, eps, rows, row_ok, M, K,
-            M_BLOCK, BLOCK_N, BLOCK_K, NORM, EVEN_K, PDL,
+            x_ptr, x_stride, w_ptr, w_stride, bias_ptr, norm_ptr, eps, rows, row_ok, M, K,
+            M_BLOCK, BLOCK_N, BLOCK_K, NORM, HAS_BIAS, EVEN_K, PDL,
         )  # fmt: skip
-        if HAS_BIAS:
-            acc += tl.load(bias_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)[None, :]
         dtype = out_ptr.dtype.element_ty
         y = acc.to(dtype).to(tl.float32)  # the gate_up product, rounded
         gate, up = tl.split(tl.reshape(y, (M_BLOCK, HB, 2)))
@@ -223,11 +222,9 @@ if triton is not None:
         rows = head * HEAD_DIM + (r % 2) * HALF + (pid % per_head) * HB + r // 2
         row_ok = r < BLOCK_N
         acc = _accumulate(
-            x_ptr, x_stride, w_ptr, w_stride, norm_ptr, eps, rows, row_ok, M, K,
-            M_BLOCK, BLOCK_N, BLOCK_K, NORM, EVEN_K, PDL,
+            x_ptr, x_stride, w_ptr, w_stride, bias_ptr, norm_ptr, eps, rows, row_ok, M, K,
+            M_BLOCK, BLOCK_N, BLOCK_K, NORM, HAS_BIAS, EVEN_K, PDL,
         )  # fmt: skip
-        if HAS_BIAS:
-            acc += tl.load(bias_ptr + rows).to(tl.float32)[None, :]
         dtype = q_ptr.dtype.element_ty
         y = acc.to(dtype).to(tl.float32)  # the qkv product, rounded
         a, b = tl.split(tl.reshape(y, (M_BLOCK, HB, 2)))
@@ -248,7 +245,8 @@ if triton is not None:
         tl.store(dst + HALF + j[None, :], b.to(dtype), mask=m_ok[:, None])
 
 
-def _launch_args(x: torch.Tensor, weight: torch.Tensor, config: Config | None, n: int):
+def _launch_args(x, weight, bias, norm, config: Config | None, n: int):
+    """(m, k, config, the arguments every kernel starts with, the launch's keywords)."""
     m, k = x.shape
     if m > MAX_ROWS:
         raise ValueError(f"small-batch kernels take at most {MAX_ROWS} rows, got {m}")
@@ -256,7 +254,11 @@ def _launch_args(x: torch.Tensor, weight: torch.Tensor, config: Config | None, n
         raise ValueError("x and weight must be contiguous along the reduction dim")
     cfg = config or default_config(n, k, m)
     pdl = x.is_cuda and not _NO_PDL and _has_pdl(x.device.index)
+    norm_w, eps = norm if norm is not None else (weight, 0.0)  # unread without NORM/bias
+    lead = (x, x.stride(0), weight, weight.stride(0), weight if bias is None else bias, norm_w, eps)
     meta = dict(
+        NORM=norm is not None,
+        HAS_BIAS=bias is not None,
         PDL=pdl,
         launch_pdl=pdl,
         M_BLOCK=_pow2(m),
@@ -266,7 +268,7 @@ def _launch_args(x: torch.Tensor, weight: torch.Tensor, config: Config | None, n
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
     )
-    return m, k, cfg, meta
+    return m, k, cfg, lead, meta
 
 
 def gemv(
@@ -281,14 +283,11 @@ def gemv(
     """y = rmsnorm?(x) @ weight.T + bias. With `residual`, residual += y in place and is
     returned (the residual stream of a decoder layer)."""
     n = weight.shape[0]
-    m, k, cfg, meta = _launch_args(x, weight, config, n)
+    m, k, cfg, lead, meta = _launch_args(x, weight, bias, norm, config, n)
     out = residual if residual is not None else x.new_empty(m, n)
-    norm_w, eps = norm if norm is not None else (weight, 0.0)
     _gemv_kernel[(triton.cdiv(n, cfg.block_n),)](
-        x, x.stride(0), weight, weight.stride(0), bias if bias is not None else weight,
-        norm_w, eps, out, out.stride(0), out, out.stride(0), m, n, k,
-        NORM=norm is not None, HAS_BIAS=bias is not None, RESIDUAL=residual is not None,
-        **meta,
+        *lead, out, out.stride(0), out, out.stride(0), m, n, k,
+        RESIDUAL=residual is not None, **meta,
     )  # fmt: skip
     return out
 
@@ -303,14 +302,11 @@ def gemv_silu_mul(
 ) -> torch.Tensor:
     """silu(gate) * up, where [gate | up] = rmsnorm?(x) @ weight.T + bias."""
     half = weight.shape[0] // 2
-    m, k, cfg, meta = _launch_args(x, weight, config, 2 * half)
+    m, k, cfg, lead, meta = _launch_args(x, weight, bias, norm, config, 2 * half)
     out = x.new_empty(m, half)
-    norm_w, eps = norm if norm is not None else (weight, 0.0)
     _gemv_silu_mul_kernel[(triton.cdiv(half, cfg.block_n // 2),)](
-        x, x.stride(0), weight, weight.stride(0), bias if bias is not None else weight,
-        norm_w, eps, out, out.stride(0), m, half, k,
-        NORM=norm is not None, HAS_BIAS=bias is not None, **meta,
-    )  # fmt: skip
+        *lead, out, out.stride(0), m, half, k, **meta
+    )
     return out
 
 
@@ -334,17 +330,15 @@ def qkv_rope_store(
     n = weight.shape[0]
     if n != (num_heads + 2 * num_kv_heads) * head_dim:
         raise ValueError(f"qkv weight has {n} rows; heads and head_dim need another count")
-    m, k, cfg, meta = _launch_args(x, weight, config, n)
+    m, k, cfg, lead, meta = _launch_args(x, weight, bias, norm, config, n)
     if (head_dim // 2) % (cfg.block_n // 2):
         raise ValueError(f"block_n {cfg.block_n} must split half of head_dim {head_dim}")
     if kv_buffer.dtype != x.dtype or not kv_buffer[0].is_contiguous():
         raise ValueError("kv_buffer must be contiguous per slot and in the model's dtype")
     q = x.new_empty(m, num_heads * head_dim)
-    norm_w, eps = norm if norm is not None else (weight, 0.0)
     _qkv_rope_store_kernel[(n // cfg.block_n,)](
-        x, x.stride(0), weight, weight.stride(0), bias if bias is not None else weight,
-        norm_w, eps, positions, out_cache_loc, cos_sin, cos_sin.stride(0), q, q.stride(0),
+        *lead, positions, out_cache_loc, cos_sin, cos_sin.stride(0), q, q.stride(0),
         kv_buffer, kv_buffer.stride(0), m, k, num_heads, num_kv_heads, HEAD_DIM=head_dim,
-        NORM=norm is not None, HAS_BIAS=bias is not None, **meta,
+        **meta,
     )  # fmt: skip
     return q
