@@ -51,19 +51,28 @@ def graph_us(fn: Callable[[], object], reps: int = 50) -> float:
     return best
 
 
-def linear_rows(cfg: dict, batch_sizes: list[int], dev) -> list[tuple]:
-    h, inter = cfg["hidden_size"], cfg["intermediate_size"]
+def attention_dims(cfg: dict) -> tuple[int, int, int]:
+    """(query heads, KV heads, head_dim) of an HF config dict."""
     heads, kv_heads = cfg["num_attention_heads"], cfg["num_key_value_heads"]
-    d = cfg.get("head_dim") or h // heads
-    shapes = {
+    return heads, kv_heads, cfg.get("head_dim") or cfg["hidden_size"] // heads
+
+
+def projection_shapes(cfg: dict) -> dict[str, tuple[int, int]]:
+    """(out_features, in_features) of each weight a decode step reads, by name."""
+    h, inter = cfg["hidden_size"], cfg["intermediate_size"]
+    heads, kv_heads, d = attention_dims(cfg)
+    return {
         "qkv": ((heads + 2 * kv_heads) * d, h),
         "o": (h, heads * d),
         "gate_up": (2 * inter, h),
         "down": (h, inter),
         "lm_head": (cfg["vocab_size"], h),
     }
+
+
+def linear_rows(cfg: dict, batch_sizes: list[int], dev) -> list[tuple]:
     rows = []
-    for name, (out_f, in_f) in shapes.items():
+    for name, (out_f, in_f) in projection_shapes(cfg).items():
         w = torch.randn(out_f, in_f, device=dev, dtype=torch.bfloat16) * 0.02
         for bs in batch_sizes:
             x = torch.randn(bs, in_f, device=dev, dtype=torch.bfloat16)
@@ -85,8 +94,7 @@ def linear_rows(cfg: dict, batch_sizes: list[int], dev) -> list[tuple]:
 def attention_rows(cfg: dict, batch_sizes: list[int], ctx: int, dev) -> list[tuple]:
     import flashinfer
 
-    heads, kv_heads = cfg["num_attention_heads"], cfg["num_key_value_heads"]
-    d = cfg.get("head_dim") or cfg["hidden_size"] // heads
+    heads, kv_heads, d = attention_dims(cfg)
     rows = []
     max_bs = max(batch_sizes)
     slots = max_bs * ctx + 1
@@ -118,8 +126,7 @@ def attention_rows(cfg: dict, batch_sizes: list[int], ctx: int, dev) -> list[tup
 
 
 def store_rows(cfg: dict, batch_sizes: list[int], dev) -> list[tuple]:
-    heads, kv_heads = cfg["num_attention_heads"], cfg["num_key_value_heads"]
-    d = cfg.get("head_dim") or cfg["hidden_size"] // heads
+    heads, kv_heads, d = attention_dims(cfg)
     rows = []
     pool = torch.zeros(65536, 2, kv_heads, d, device=dev, dtype=torch.bfloat16)
     k_buf, v_buf = pool[:, 0], pool[:, 1]

@@ -20,7 +20,7 @@ import os
 
 import torch
 import torch.nn.functional as F
-from bench_kernels import graph_us
+from bench_kernels import attention_dims, graph_us, projection_shapes
 from bench_one_batch import copy_bandwidth
 
 from loom.runtime.layers import cuda_kernels
@@ -50,18 +50,8 @@ def sweep_configs(rows: int) -> list[sb.Config]:
 
 
 def linear_table(cfg: dict, batch_sizes: list[int], sweep: bool, bw: float, dev) -> list[dict]:
-    h, inter = cfg["hidden_size"], cfg["intermediate_size"]
-    heads, kv_heads = cfg["num_attention_heads"], cfg["num_key_value_heads"]
-    d = cfg.get("head_dim") or h // heads
-    shapes = {
-        "qkv": ((heads + 2 * kv_heads) * d, h),
-        "o": (h, heads * d),
-        "gate_up": (2 * inter, h),
-        "down": (h, inter),
-        "lm_head": (cfg["vocab_size"], h),
-    }
     out = []
-    for name, (n, k) in shapes.items():
+    for name, (n, k) in projection_shapes(cfg).items():
         nbytes = n * k * 2
         weights = rotated(lambda n=n, k=k: torch.randn(n, k, device=dev).bfloat16() * 0.02, nbytes)
         for bs in batch_sizes:
@@ -92,8 +82,7 @@ def linear_table(cfg: dict, batch_sizes: list[int], sweep: bool, bw: float, dev)
 def fused_table(cfg: dict, batch_sizes: list[int], dev) -> list[dict]:
     """Each fused op of a layer against the unfused ops it replaces."""
     h, inter = cfg["hidden_size"], cfg["intermediate_size"]
-    heads, kv_heads = cfg["num_attention_heads"], cfg["num_key_value_heads"]
-    d = cfg.get("head_dim") or h // heads
+    heads, kv_heads, d = attention_dims(cfg)
     n_qkv = (heads + 2 * kv_heads) * d
     eps, gain = 1e-5, torch.ones(h, device=dev, dtype=torch.bfloat16)
     cos_sin = torch.randn(4096, d, device=dev)
