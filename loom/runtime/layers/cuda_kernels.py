@@ -11,7 +11,7 @@ import os
 import torch
 
 # LOOM_DISABLE_FUSED_KERNELS=1 runs the reference torch layers on CUDA too (for comparison).
-_DISABLED = os.environ.get("LOOM_DISABLE_FUSED_KERNELS", "") not in ("", "0")
+DISABLED = os.environ.get("LOOM_DISABLE_FUSED_KERNELS", "") not in ("", "0")
 
 try:
     import flashinfer.activation as _fi_act
@@ -23,7 +23,7 @@ except ImportError:  # CPU installs, or CUDA without the flashinfer extra
 
 def available(x: torch.Tensor) -> bool:
     return (
-        not _DISABLED
+        not DISABLED
         and _fi_norm is not None
         and x.is_cuda
         and x.dtype in (torch.float16, torch.bfloat16)

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from loom.runtime.executor.forward_batch import ForwardBatch, ForwardMode
-from loom.runtime.layers import small_batch
+from loom.runtime.layers import rope_store, small_batch
 from loom.runtime.layers.attention.base import Attention
 from loom.runtime.layers.mlp import GatedMLP
 from loom.runtime.layers.norm import RMSNorm
@@ -58,7 +58,21 @@ class LlamaAttention(nn.Module):
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor, batch: ForwardBatch):
         n = x.shape[0]
-        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        qkv = self.qkv_proj(x)
+        if self._rope_store(qkv):
+            core = self.attn
+            q = rope_store.rope_store(
+                qkv,
+                positions,
+                self.rotary.cos_sin,
+                core.backend.kv_pool.kv_buffers[core.layer_id],
+                batch.out_cache_loc,
+                self.num_heads,
+                self.num_kv_heads,
+                self.head_dim,
+            )
+            return self.o_proj(core.attend(q, batch).reshape(n, self.q_size))
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(n, self.num_heads, self.head_dim)
         k = k.view(n, self.num_kv_heads, self.head_dim)
         v = v.view(n, self.num_kv_heads, self.head_dim)
@@ -66,6 +80,15 @@ class LlamaAttention(nn.Module):
         q, k = self.rotary(positions, q, k)
         out = self.attn(q, k, v, batch)
         return self.o_proj(out.reshape(n, self.q_size))
+
+    def _rope_store(self, qkv: torch.Tensor) -> bool:
+        """Whether RoPE and the K/V store run as one kernel (rope_store): with no q/k norm
+        between the projection and RoPE, and a pool in the model's dtype."""
+        return (
+            type(self).qk_norm is LlamaAttention.qk_norm
+            and rope_store.available(qkv, self.head_dim)
+            and self.attn.backend.kv_pool.dtype == qkv.dtype
+        )
 
     def load_shard(self, param: nn.Parameter, shard, weight: torch.Tensor) -> None:
         start = {"q": 0, "k": self.q_size, "v": self.q_size + self.kv_size}[shard]

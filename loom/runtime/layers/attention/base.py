@@ -54,8 +54,11 @@ class Attention(nn.Module):
     def forward(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: ForwardBatch
     ) -> torch.Tensor:
-        backend = self.backend
-        backend.kv_pool.store(self.layer_id, batch.out_cache_loc, k, v)
+        self.backend.kv_pool.store(self.layer_id, batch.out_cache_loc, k, v)
+        return self.attend(q, batch)
+
+    def attend(self, q: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
+        """Attention over the pool, whose K/V for the batch's new tokens are stored."""
         if batch.mode is ForwardMode.DECODE:
-            return backend.decode(q, self, batch)
-        return backend.extend(q, self, batch)
+            return self.backend.decode(q, self, batch)
+        return self.backend.extend(q, self, batch)
