@@ -21,6 +21,11 @@ from loom.runtime.executor.forward_batch import ForwardBatch, ForwardMode
 from loom.runtime.layers.attention.base import Attention, AttentionBackend
 
 _WORKSPACE_BYTES = 256 << 20
+# Above this many rows, decode uses the CUDA-core kernel even when query heads share KV
+# heads: with the batch alone filling the card, it reads the KV at 85-91% of copy
+# bandwidth against 78-81% for the tensor-core kernel (H100, contexts 25-475; see
+# benchmarks/RESULTS.md). At 256 rows and fewer the tensor-core kernel is as fast or faster.
+_TENSOR_CORE_DECODE_MAX_BS = 512
 
 
 @dataclass
@@ -42,7 +47,9 @@ class FlashInferBackend(AttentionBackend):
         # Tensor-core decode pays off once several query heads share a KV head.
         self.tensor_core_decode = self.num_heads // self.num_kv_heads >= 4
         self.prefill = flashinfer.BatchPrefillWithPagedKVCacheWrapper(self.workspace, "NHD")
-        self.decode_wrapper = self._decode_wrapper()
+        self.decode_wrappers = {
+            tc: self._decode_wrapper(tc) for tc in {self.tensor_core_decode, False}
+        }
         self.graph_wrappers: dict[int, object] = {}
         # A wrapper's plan fills a pinned host buffer and queues its upload: under overlap
         # the next plan may come before that upload ran, so it waits for it first.
@@ -52,17 +59,22 @@ class FlashInferBackend(AttentionBackend):
         # (pages, 2, page_size 1, kv_heads, head_dim): FlashInfer's combined NHD layout.
         self.caches = [kv.unsqueeze(2) for kv in kv_pool.kv_buffers]
 
-    def _decode_wrapper(self, graph_bs: int | None = None, indices: torch.Tensor | None = None):
+    def _tensor_cores(self, bs: int) -> bool:
+        return self.tensor_core_decode and bs <= _TENSOR_CORE_DECODE_MAX_BS
+
+    def _decode_wrapper(
+        self, tensor_cores: bool, graph_bs: int | None = None, indices: torch.Tensor | None = None
+    ):
         if graph_bs is None:
             return flashinfer.BatchDecodeWithPagedKVCacheWrapper(
-                self.workspace, "NHD", use_tensor_cores=self.tensor_core_decode
+                self.workspace, "NHD", use_tensor_cores=tensor_cores
             )
         dev = self.device
         return flashinfer.BatchDecodeWithPagedKVCacheWrapper(
             self.workspace,
             "NHD",
             use_cuda_graph=True,
-            use_tensor_cores=self.tensor_core_decode,
+            use_tensor_cores=tensor_cores,
             paged_kv_indptr_buffer=torch.zeros(graph_bs + 1, dtype=torch.int32, device=dev),
             paged_kv_indices_buffer=indices,
             paged_kv_last_page_len_buffer=torch.ones(graph_bs, dtype=torch.int32, device=dev),
@@ -71,7 +83,7 @@ class FlashInferBackend(AttentionBackend):
     def init_cuda_graph_wrapper(self, bs: int, indices: torch.Tensor) -> None:
         """A decode wrapper for graphs of batch size bs; `indices` is a page-table buffer
         shared by all sizes."""
-        self.graph_wrappers[bs] = self._decode_wrapper(bs, indices)
+        self.graph_wrappers[bs] = self._decode_wrapper(self._tensor_cores(bs), bs, indices)
 
     # ---- planning ------------------------------------------------------------------------
 
@@ -100,7 +112,7 @@ class FlashInferBackend(AttentionBackend):
         common = dict(q_data_type=self.dtype, kv_data_type=self.dtype, sm_scale=self.scale)
         if batch.mode is ForwardMode.DECODE:
             wrapper = self.graph_wrappers[batch.batch_size] if batch.in_cuda_graph else None
-            wrapper = wrapper or self.decode_wrapper
+            wrapper = wrapper or self.decode_wrappers[self._tensor_cores(batch.batch_size)]
             shape = (self.num_heads, self.num_kv_heads, self.head_dim, 1)
             wrapper.plan(indptr, indices, last_page_len, *shape, **common)
         else:
