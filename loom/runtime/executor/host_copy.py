@@ -22,6 +22,12 @@ def to_device(values: list, dtype: torch.dtype, device: torch.device | str) -> t
     return host.pin_memory().to(device, non_blocking=True)
 
 
+def take_rows(t: torch.Tensor, rows: list[int]) -> torch.Tensor:
+    """t[rows] for a host list of row indices, queued without a host wait (indexing with
+    the list itself uploads it from pageable memory, which first waits for the device)."""
+    return t[to_device(rows, torch.int64, t.device)]
+
+
 class HostCopy:
     """Device tensors copied to the host when queued; `get` waits for that copy only."""
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from loom.runtime.executor.host_copy import HostCopy, to_device
+from loom.runtime.executor.host_copy import HostCopy, take_rows, to_device
 from loom.runtime.executor.sampler import apply_penalties, sample
 from loom.runtime.scheduler import batch as batching
 from loom.runtime.scheduler.logprobs import OutputLogprobs
@@ -69,7 +69,7 @@ class StepSampler:
         finished since the forward was queued are sampled unmasked (the token is dropped)."""
         reqs, logits = step.reqs, step.logits
         logprob_rows = [i for i, r in enumerate(reqs) if r.return_logprob]
-        raw = logits[logprob_rows].clone() if logprob_rows else None
+        raw = take_rows(logits, logprob_rows) if logprob_rows else None
         sb = batching.sampling_batch(reqs, self.vocab_size, self.device, self.eos_ids)
         masked = [i for i, r in enumerate(reqs) if r.grammar is not None and not r.finished]
         penalized = sb.repetition_penalties is not None or sb.frequency_penalties is not None
@@ -84,7 +84,7 @@ class StepSampler:
         self.last_tokens[rows] = next_ids
         logprobs = None
         if raw is not None:
-            logprobs = OutputLogprobs(reqs, logprob_rows, raw, next_ids[logprob_rows])
+            logprobs = OutputLogprobs(reqs, logprob_rows, raw, take_rows(next_ids, logprob_rows))
         return SampledStep(reqs, HostCopy(next_ids), logprobs)
 
     def _apply_grammar_masks(self, reqs: list[Req], rows: list[int], logits: torch.Tensor):

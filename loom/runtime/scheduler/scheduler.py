@@ -29,6 +29,7 @@ from loom.constrain.schema_check import validate_output
 from loom.runtime import messages as m
 from loom.runtime.args import ServerArgs
 from loom.runtime.executor.forward_batch import ForwardBatch
+from loom.runtime.executor.host_copy import take_rows
 from loom.runtime.executor.model_runner import LogitsOutput, ModelRunner
 from loom.runtime.scheduler import batch as batching
 from loom.runtime.scheduler import parts
@@ -260,7 +261,9 @@ class Scheduler:
         self.running.extend(done)
         rows += range(len(adder.reqs), len(adder.reqs) + len(riders))
         sampled = done + riders
-        return True, self.sampler.forwarded(sampled, out.next_logits[rows]) if sampled else None
+        if not sampled:
+            return True, None
+        return True, self.sampler.forwarded(sampled, take_rows(out.next_logits, rows))
 
     def _decode_riders(self) -> list[Req]:
         """Running requests that decode in the coming prefill's forward (mixed step): the
