@@ -62,7 +62,7 @@ class ServerArgs:
         ("torch_native", "flashinfer"),
     )
     disable_cuda_graph: bool = _arg(False, "run decode eagerly")
-    cuda_graph_max_bs: int = _arg(512, "largest decode batch captured in a CUDA graph")
+    cuda_graph_max_bs: int = _arg(1024, "largest decode batch captured in a CUDA graph")
     disable_overlap_schedule: bool = _arg(False, "prepare batch N+1 only after batch N")
 
     # Constrained decoding
