@@ -4,8 +4,9 @@ overhead), with the bytes it must move and the bandwidth it reaches.
 Variants measured side by side, to choose between them on the card at hand:
   linear     F.linear(x, W) against the same product written as W @ x.T, and with
              cuBLASLt; shapes of the model's four projections and LM head
-  attention  FlashInfer decode through tensor cores (the prefill kernel) and through CUDA
-             cores, per layer, over a paged KV pool of page size 1
+  attention  FlashInfer decode through tensor cores (the FA2 prefill kernel, and the
+             Hopper FA3 one) and through CUDA cores, per layer, over a paged KV pool of
+             page size 1
   kv store   two indexed stores (K, then V) against one store of K and V together
              (the pool's (slots, 2, kv_heads, head_dim) layout)
   silu·mul   FlashInfer's fused kernel against torch's silu and multiply
@@ -77,52 +78,80 @@ def linear_rows(cfg: dict, batch_sizes: list[int], dev) -> list[tuple]:
         for bs in batch_sizes:
             x = torch.randn(bs, in_f, device=dev, dtype=torch.bfloat16)
             nbytes = w.numel() * 2 + (bs * (in_f + out_f)) * 2
+            flops = 2 * bs * out_f * in_f
             variants = {
                 "F.linear": lambda x=x, w=w: F.linear(x, w),
                 "W @ x.T": lambda x=x, w=w: torch.mm(w, x.t()),
             }
             for variant, fn in variants.items():
                 us = graph_us(fn)
-                rows.append(("linear", f"{name} {out_f}x{in_f}", bs, variant, us, nbytes))
+                rows.append(("linear", f"{name} {out_f}x{in_f}", bs, variant, us, nbytes, flops))
             torch.backends.cuda.preferred_blas_library("cublaslt")
             us = graph_us(variants["F.linear"])
             torch.backends.cuda.preferred_blas_library("cublas")
-            rows.append(("linear", f"{name} {out_f}x{in_f}", bs, "F.linear cublasLt", us, nbytes))
+            rows.append(
+                ("linear", f"{name} {out_f}x{in_f}", bs, "F.linear cublasLt", us, nbytes, flops)
+            )
     return rows
 
 
-def attention_rows(cfg: dict, batch_sizes: list[int], ctx: int, dev) -> list[tuple]:
+def attention_rows(
+    cfg: dict, batch_sizes: list[int], ctx: int, dev, spread: float = 0.0
+) -> list[tuple]:
+    """Decode attention per layer; each request's context is ctx, or drawn uniformly from
+    ctx ± spread·ctx."""
     import flashinfer
 
     heads, kv_heads, d = attention_dims(cfg)
     rows = []
     max_bs = max(batch_sizes)
-    slots = max_bs * ctx + 1
+    slots = max_bs * (ctx + int(spread * ctx)) + 1
     kv = torch.randn(slots, 2, 1, kv_heads, d, device=dev, dtype=torch.bfloat16)
     workspace = torch.empty(256 << 20, dtype=torch.uint8, device=dev)
+    gen = torch.Generator().manual_seed(0)
+    label = f"decode ctx {ctx}" + (f" ± {spread:.0%}" if spread else "")
     for bs in batch_sizes:
         q = torch.randn(bs, heads, d, device=dev, dtype=torch.bfloat16)
-        indptr = torch.arange(bs + 1, dtype=torch.int32) * ctx
-        indices = torch.randperm(slots - 1, device=dev)[: bs * ctx].to(torch.int32) + 1
-        nbytes = bs * ctx * 2 * kv_heads * d * 2
-        for tc in (True, False):
-            wrapper = flashinfer.BatchDecodeWithPagedKVCacheWrapper(
-                workspace,
-                "NHD",
-                use_cuda_graph=True,
-                use_tensor_cores=tc,
-                paged_kv_indptr_buffer=torch.zeros(bs + 1, dtype=torch.int32, device=dev),
-                paged_kv_indices_buffer=torch.zeros(bs * ctx, dtype=torch.int32, device=dev),
-                paged_kv_last_page_len_buffer=torch.ones(bs, dtype=torch.int32, device=dev),
-            )
-            wrapper.plan(
-                indptr, indices, torch.ones(bs, dtype=torch.int32), heads, kv_heads, d, 1,
-                q_data_type=torch.bfloat16, kv_data_type=torch.bfloat16,
-            )  # fmt: skip
-            us = graph_us(lambda w=wrapper, q=q: w.run(q, kv))
-            variant = "tensor cores" if tc else "CUDA cores"
-            rows.append(("attention", f"decode ctx {ctx}", bs, variant, us, nbytes))
+        half = int(spread * ctx)
+        lens = ctx + torch.randint(-half, half + 1, (bs,), generator=gen, dtype=torch.int32)
+        indptr = torch.zeros(bs + 1, dtype=torch.int32)
+        torch.cumsum(lens, 0, out=indptr[1:])
+        total = int(indptr[-1])
+        indices = torch.randperm(slots - 1, device=dev)[:total].to(torch.int32) + 1
+        nbytes = total * 2 * kv_heads * d * 2
+        flops = 4 * total * heads * d
+        variants = {"tensor cores": (True, "auto"), "CUDA cores": (False, "auto")}
+        if torch.cuda.get_device_capability(dev)[0] == 9:
+            variants["tensor cores, FA3"] = (True, "fa3")
+        for variant, (tc, backend) in variants.items():
+            try:
+                us = _decode_us(flashinfer, workspace, kv, q, indptr, indices, tc, backend)
+            except Exception as e:  # a backend this build or card lacks
+                print(f"{variant} at bs {bs}: {type(e).__name__}: {str(e)[:200]}")
+                continue
+            rows.append(("attention", label, bs, variant, us, nbytes, flops))
     return rows
+
+
+def _decode_us(flashinfer, workspace, kv, q, indptr, indices, tc, backend) -> float:
+    """Microseconds of one layer's decode attention through a FlashInfer decode wrapper."""
+    bs, heads, d = q.shape
+    kv_heads, dev = kv.shape[3], q.device
+    wrapper = flashinfer.BatchDecodeWithPagedKVCacheWrapper(
+        workspace,
+        "NHD",
+        use_cuda_graph=True,
+        use_tensor_cores=tc,
+        backend=backend,
+        paged_kv_indptr_buffer=torch.zeros(bs + 1, dtype=torch.int32, device=dev),
+        paged_kv_indices_buffer=torch.zeros_like(indices),
+        paged_kv_last_page_len_buffer=torch.ones(bs, dtype=torch.int32, device=dev),
+    )
+    wrapper.plan(
+        indptr, indices, torch.ones(bs, dtype=torch.int32), heads, kv_heads, d, 1,
+        q_data_type=torch.bfloat16, kv_data_type=torch.bfloat16,
+    )  # fmt: skip
+    return graph_us(lambda: wrapper.run(q, kv))
 
 
 def store_rows(cfg: dict, batch_sizes: list[int], dev) -> list[tuple]:
@@ -174,6 +203,7 @@ def main() -> None:
     p.add_argument("--model-path", default="benchmarks/configs/llama-3.1-8b")
     p.add_argument("--batch-sizes", default="1,8,64,256")
     p.add_argument("--context-len", type=int, default=512)
+    p.add_argument("--context-spread", type=float, default=0.0, help="contexts vary by ± this")
     p.add_argument("--only", default="linear,attention,store,silu")
     a = p.parse_args()
     with open(os.path.join(a.model_path, "config.json")) as f:
@@ -184,17 +214,18 @@ def main() -> None:
     print(f"{torch.cuda.get_device_name()}; copy bandwidth {bw / 1e12:.2f} TB/s; {a.model_path}")
     groups = {
         "linear": lambda: linear_rows(cfg, sizes, dev),
-        "attention": lambda: attention_rows(cfg, sizes, a.context_len, dev),
+        "attention": lambda: attention_rows(cfg, sizes, a.context_len, dev, a.context_spread),
         "store": lambda: store_rows(cfg, sizes, dev),
         "silu": lambda: silu_rows(cfg, sizes, dev),
     }
-    print("| op | shape | bs | variant | µs | bytes | TB/s | % of copy bw |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| op | shape | bs | variant | µs | bytes | TB/s | % of copy bw | TFLOP/s |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for name in a.only.split(","):
-        for op, shape, bs, variant, us, nbytes in groups[name]():
+        for op, shape, bs, variant, us, nbytes, *flops in groups[name]():
             tbs = nbytes / (us * 1e-6) / 1e12
             pct = 100 * nbytes / (us * 1e-6) / bw
-            print(f"| {op} | {shape} | {bs} | {variant} | {us:.1f} | {nbytes:,} | {tbs:.2f} | {pct:.0f}% |")  # fmt: skip
+            tflops = f"{flops[0] / (us * 1e-6) / 1e12:.0f}" if flops else ""
+            print(f"| {op} | {shape} | {bs} | {variant} | {us:.1f} | {nbytes:,} | {tbs:.2f} | {pct:.0f}% | {tflops} |")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ import torch
 
 from loom.runtime.args import ServerArgs
 from loom.runtime.executor.forward_batch import ForwardMode
+from loom.runtime.executor.host_copy import HostCopy
 from loom.runtime.executor.model_runner import ModelRunner
 from loom.runtime.messages import GenerateRequest
 from loom.runtime.sampling_params import SamplingParams
@@ -40,16 +41,19 @@ def profile_kernels(a) -> None:
         dtype="bfloat16",
         disable_cuda_graph=True,
         max_running_requests=a.batch_size,
-        context_length=a.context + 16,
-        max_total_tokens=a.batch_size * (a.context + 16) + 64,
+        context_length=int(a.context * (1 + a.context_spread)) + 16,
+        max_total_tokens=a.batch_size * (int(a.context * (1 + a.context_spread)) + 16) + 64,
     )
     runner = ModelRunner(args, a.model_path)
     reqs, rows = [], []
+    gen = torch.Generator().manual_seed(0)
+    spread = int(a.context * a.context_spread)
     for i in range(a.batch_size):
-        req = Req(f"p{i}", [7] * a.context, SamplingParams())
+        ctx = a.context + int(torch.randint(-spread, spread + 1, (1,), generator=gen))
+        req = Req(f"p{i}", [7] * ctx, SamplingParams())
         req.req_pool_idx = runner.req_to_token_pool.alloc()
-        runner.req_to_token_pool.write(req.req_pool_idx, 0, runner.allocator.alloc(a.context))
-        req.kv_len = a.context
+        runner.req_to_token_pool.write(req.req_pool_idx, 0, runner.allocator.alloc(ctx))
+        req.kv_len = ctx
         reqs.append(req)
         rows.append(req.req_pool_idx)
     last = torch.zeros(runner.req_to_token_pool.num_slots, dtype=torch.int64, device="cuda")
@@ -65,6 +69,13 @@ def profile_kernels(a) -> None:
         step()
     torch.cuda.synchronize()
     steps = 5
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(steps):
+        step()
+    end.record()
+    end.synchronize()
+    step_ms = start.elapsed_time(end) / steps
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         for _ in range(steps):
             step()
@@ -76,7 +87,10 @@ def profile_kernels(a) -> None:
             t[0] += e.device_time_total / steps
             t[1] += 1 / steps
     total = sum(v[0] for v in totals.values())
-    print(f"\ndecode step, bs {a.batch_size}, context {a.context}: {total / 1e3:.2f} ms of kernels")
+    print(
+        f"\ndecode step, bs {a.batch_size}, context {a.context} ± {spread}: "
+        f"{total / 1e3:.2f} ms of kernels, {step_ms:.2f} ms a step (events, eager)"
+    )
     print(f"{'us/step':>9} {'calls':>6} {'share':>6}  kernel")
     for name, (us, calls) in sorted(totals.items(), key=lambda kv: -kv[1][0])[:25]:
         print(f"{us:>9.1f} {calls:>6.0f} {us / total:>6.1%}  {name}")
@@ -118,15 +132,31 @@ def profile_steps(a) -> None:
         log.append((kind, batch.batch_size, batch.input_ids.numel(), start, end))
         return out
 
+    waited = [0.0]
+    get = HostCopy.get
+
+    def timed_get(self):
+        t = time.perf_counter()
+        out = get(self)
+        waited[0] += time.perf_counter() - t
+        return out
+
     runner.forward = timed
+    HostCopy.get = timed_get
+    host = []  # per forward: host seconds of the scheduler step that queued it, less waits
     start = time.perf_counter()
     while sched.has_work():
+        t, w, n = time.perf_counter(), waited[0], len(log)
         sched.step()
         sched.take_outputs()
+        forwards = len(log) - n
+        host += [(time.perf_counter() - t - (waited[0] - w)) / max(forwards, 1)] * forwards
     torch.cuda.synchronize()
     wall = time.perf_counter() - start
-    groups: dict[str, list[float]] = defaultdict(lambda: [0, 0.0, 0])
-    for kind, bs, tokens, s, e in log:
+    HostCopy.get = get
+    groups: dict[str, list[float]] = defaultdict(lambda: [0, 0.0, 0, 0.0, 0.0])
+    prev_end = None
+    for (kind, bs, tokens, s, e), host_s in zip(log, host, strict=True):
         if kind == "decode":
             top = next(b for b in (1, 16, 64, 128, 256, 512, 1024, 1 << 30) if bs <= b)
             kind = f"decode bs <= {top}"
@@ -134,14 +164,21 @@ def profile_steps(a) -> None:
         g[0] += 1
         g[1] += s.elapsed_time(e) / 1e3
         g[2] += tokens
+        # Device time between the previous forward's end and this one's start: sampling,
+        # input copies, and idle time while the host was late.
+        g[3] += prev_end.elapsed_time(s) / 1e3 if prev_end is not None else 0.0
+        g[4] += host_s
+        prev_end = e
     busy = sum(g[1] for g in groups.values())
     tokens = sched.stats["generation_tokens"]
     print(f"\n{n} requests: {wall:.2f} s wall, {tokens / wall:.0f} output tok/s, {len(log)} steps")
     print(f"device busy in forwards {busy:.2f} s ({busy / wall:.1%} of wall)")
-    print("| kind | steps | seconds | share of wall | ms / step | new tokens |")
-    print("|---|---|---|---|---|---|")
-    for kind, (steps, secs, toks) in sorted(groups.items(), key=lambda kv: -kv[1][1]):
-        print(f"| {kind} | {steps} | {secs:.2f} | {secs / wall:.1%} | {1e3 * secs / steps:.2f} | {toks} |")  # fmt: skip
+    print("gap: device time from the previous forward's end to this one's start (sampling,")
+    print("input copies, idle); host: the scheduler step that queued it, less its waits")
+    print("| kind | steps | seconds | share of wall | ms / step | gap ms / step | host ms / step | new tokens |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|")
+    for kind, (steps, secs, toks, gap, hs) in sorted(groups.items(), key=lambda kv: -kv[1][1]):
+        print(f"| {kind} | {steps} | {secs:.2f} | {secs / wall:.1%} | {1e3 * secs / steps:.2f} | {1e3 * gap / steps:.2f} | {1e3 * hs / steps:.2f} | {toks} |")  # fmt: skip
 
 
 def profile_host(a) -> None:
@@ -170,6 +207,9 @@ def main() -> None:
     p.add_argument("--tokenizer-path", default=None)
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--context", type=int, default=512)
+    p.add_argument(
+        "--context-spread", type=float, default=0.0, help="contexts vary by ± this fraction"
+    )
     p.add_argument("--sharegpt-path", default=None)
     p.add_argument("--num-prompts", type=int, default=1000)
     a = p.parse_args()
