@@ -203,6 +203,9 @@ def test_prompt_logprobs_only_with_zero_new_tokens(engine, hf):
         (dict(input_ids=[]), "input_ids"),
         (dict(prompt=""), "empty"),
         (dict(input_ids=[5, VOCAB + 7]), "outside"),
+        (dict(input_ids=[5, -1]), "outside"),
+        (dict(input_ids=[5, True]), "input_ids"),  # a bool is not a token id
+        (dict(input_ids=[[5, 6], [7, "8"]]), "integers"),
         (dict(input_ids=[5, 6], top_logprobs_num=-2), "top_logprobs_num"),
     ],
 )

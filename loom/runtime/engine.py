@@ -130,13 +130,13 @@ class Engine:
             return_text_in_logprobs,
             stream,
         )
-        self.manager.prepare(obj)  # raise input errors in the caller's thread
+        prepared = self.manager.prepare(obj)  # raise input errors in the caller's thread
         if stream:
-            return self._stream(obj)
-        return self._call(_first(self.manager.generate(obj)))
+            return self._stream(obj, prepared)
+        return self._call(_first(self.manager.generate(obj, prepared)))
 
-    def _stream(self, obj: GenerateInput) -> Iterator[dict]:
-        agen = self.manager.generate(obj)
+    def _stream(self, obj: GenerateInput, prepared) -> Iterator[dict]:
+        agen = self.manager.generate(obj, prepared)
         try:
             while True:
                 try:
@@ -150,14 +150,14 @@ class Engine:
     async def async_generate(self, prompt=None, sampling_params=None, input_ids=None, **kw):
         """Like generate, for asyncio callers; with stream=True an async iterator."""
         obj = GenerateInput(prompt, input_ids, sampling_params, **kw)
-        self.manager.prepare(obj)
+        prepared = self.manager.prepare(obj)
         if obj.stream:
-            return self._astream(obj)
-        future = asyncio.run_coroutine_threadsafe(_first(self.manager.generate(obj)), self._loop)
-        return await asyncio.wrap_future(future)
+            return self._astream(obj, prepared)
+        first = _first(self.manager.generate(obj, prepared))
+        return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(first, self._loop))
 
-    async def _astream(self, obj: GenerateInput) -> AsyncIterator[dict]:
-        agen = self.manager.generate(obj)
+    async def _astream(self, obj: GenerateInput, prepared) -> AsyncIterator[dict]:
+        agen = self.manager.generate(obj, prepared)
         try:
             while True:
                 future = asyncio.run_coroutine_threadsafe(agen.__anext__(), self._loop)

@@ -62,7 +62,7 @@ def expand(obj: GenerateInput, limits: InputLimits) -> tuple[list[Item], bool]:
         _check_logprob_args(starts[i], tops[i], len(ids))
         base = rids[i] or uuid.uuid4().hex
         for j in range(sp.n):
-            copy = SamplingParams(**{**sp.to_dict(), "n": 1})
+            copy = sp if sp.n == 1 else SamplingParams(**{**sp.to_dict(), "n": 1})
             if sp.n > 1 and sp.seed is not None:
                 copy.seed = sp.seed + j  # distinct yet reproducible completions
             rid = base if sp.n == 1 else f"{base}-{j}"
@@ -83,13 +83,19 @@ def _prompts(obj: GenerateInput, tokenizer) -> tuple[list[list[int]], bool]:
             raise InvalidRequestError("`text` is an empty list")
         return [tokenizer(t).input_ids for t in obj.text], True
     ids = obj.input_ids
-    if isinstance(ids, list) and ids and all(_is_int(t) for t in ids):
+    if isinstance(ids, list) and ids and _all_ints(ids):
         return [list(ids)], False
     if isinstance(ids, list) and ids and all(isinstance(p, list) for p in ids):
-        if not all(all(_is_int(t) for t in p) for p in ids):
+        if not all(_all_ints(p) for p in ids):
             raise InvalidRequestError("`input_ids` must hold integers")
         return [list(p) for p in ids], True
     raise InvalidRequestError("`input_ids` must be a non-empty list of ints or of lists of ints")
+
+
+def _all_ints(values: list) -> bool:
+    """Whether every value is an int (not a bool). A batch of long prompts is many
+    values: the exact-type test is the fast path, subclasses take the full one."""
+    return all(type(x) is int for x in values) or all(_is_int(x) for x in values)
 
 
 def _is_int(x: Any) -> bool:
@@ -113,8 +119,8 @@ def _check_prompt(ids: list[int], limits: InputLimits, index: int | None) -> Non
             f"{where} has {len(ids)} tokens, but the context length is {limits.context_len}; "
             "shorten it (or start the server with a larger --context-length)"
         )
-    bad = [t for t in ids if not 0 <= t < limits.vocab_size]
-    if bad:
+    if min(ids) < 0 or max(ids) >= limits.vocab_size:
+        bad = [t for t in ids if not 0 <= t < limits.vocab_size]
         raise InvalidRequestError(
             f"{where} has token ids outside [0, {limits.vocab_size}): {bad[:5]}"
         )
