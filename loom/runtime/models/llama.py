@@ -56,6 +56,11 @@ class LlamaAttention(nn.Module):
     def qk_norm(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return q, k
 
+    def has_qk_norm(self) -> bool:
+        """Whether q and k are normed between the projection and RoPE (Qwen3): the fused
+        kernels, which rotate straight out of the projection, then do not apply."""
+        return type(self).qk_norm is not LlamaAttention.qk_norm
+
     def forward(self, positions: torch.Tensor, x: torch.Tensor, batch: ForwardBatch):
         n = x.shape[0]
         qkv = self.qkv_proj(x)
@@ -85,7 +90,7 @@ class LlamaAttention(nn.Module):
         """Whether RoPE and the K/V store run as one kernel (rope_store): with no q/k norm
         between the projection and RoPE, and a pool in the model's dtype."""
         return (
-            type(self).qk_norm is LlamaAttention.qk_norm
+            not self.has_qk_norm()
             and rope_store.available(qkv, self.head_dim)
             and self.attn.backend.kv_pool.dtype == qkv.dtype
         )
@@ -124,11 +129,7 @@ class LlamaDecoderLayer(nn.Module):
     def supports_small_batch(self) -> bool:
         """Whether forward_small_batch computes what forward does for this layer."""
         attn = self.self_attn
-        return (
-            type(attn).qk_norm is LlamaAttention.qk_norm
-            and self.mlp.fused_silu
-            and attn.head_dim % 16 == 0
-        )
+        return not attn.has_qk_norm() and self.mlp.fused_silu and attn.head_dim % 16 == 0
 
     def forward_small_batch(self, batch: ForwardBatch, residual: torch.Tensor) -> None:
         """Decode of a few rows in five kernels (small_batch's), updating the residual
