@@ -162,10 +162,11 @@ def test_rope_store_refuses_mismatched_shapes():
     assert not kv.any()  # nothing written
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2"])  # qwen2: a bias on q, k and v
+# qwen2: a bias on q, k and v; qwen3: q/k norms before RoPE, so the kernel must not run
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3"])
 def test_model_with_rope_store_matches_reference_layers(arch, tiny_model_factory, monkeypatch):
-    """A prefill and two decode steps with RoPE and the K/V store fused (forced on, on CPU)
-    and through the reference layers: the same logits. In float32, so that what is
+    """A prefill and two decode steps with RoPE and the K/V store fused (forced on, also on
+    CPU) and through the reference layers: the same logits. In float32, so that what is
     compared is the kernel's arithmetic and layout, not bf16 rounding."""
     from loom.runtime.args import ServerArgs
     from loom.runtime.executor.model_runner import ModelRunner
@@ -175,6 +176,9 @@ def test_model_with_rope_store_matches_reference_layers(arch, tiny_model_factory
 
     folder = tiny_model_factory(arch)
     prompts = random_prompts(3, seed=4)
+    calls = []
+    kernel = rope_store.rope_store
+    monkeypatch.setattr(rope_store, "rope_store", lambda *a: calls.append(1) or kernel(*a))
 
     def run(fused: bool) -> list[torch.Tensor]:
         monkeypatch.setattr(rope_store, "available", lambda qkv, head_dim: fused)
@@ -202,5 +206,9 @@ def test_model_with_rope_store_matches_reference_layers(arch, tiny_model_factory
             logits.append(runner.forward(batch).next_logits)
         return logits
 
-    for fused, reference in zip(run(True), run(False), strict=True):
-        torch.testing.assert_close(fused, reference, atol=1e-5, rtol=0)
+    with_kernel = run(True)
+    assert bool(calls) == (arch != "qwen3")
+    calls.clear()
+    for got, reference in zip(with_kernel, run(False), strict=True):
+        torch.testing.assert_close(got, reference, atol=1e-5, rtol=0)
+    assert not calls
