@@ -155,6 +155,13 @@ if triton is not None:
         return acc
 
     @triton.jit
+    def _rounded_pairs(acc, dtype, M_BLOCK: tl.constexpr, HB: tl.constexpr):
+        """The product rounded to the model's dtype (as the unfused path stores it), then
+        split into its interleaved pairs: (M_BLOCK, HB) each, in float32."""
+        y = acc.to(dtype).to(tl.float32)
+        return tl.split(tl.reshape(y, (M_BLOCK, HB, 2)))
+
+    @triton.jit
     def _gemv_kernel(
         x_ptr, x_stride, w_ptr, w_stride, bias_ptr, norm_ptr, eps,
         res_ptr, res_stride, out_ptr, out_stride, M, N, K,
@@ -192,8 +199,7 @@ if triton is not None:
             M_BLOCK, BLOCK_N, BLOCK_K, NORM, HAS_BIAS, EVEN_K, PDL,
         )  # fmt: skip
         dtype = out_ptr.dtype.element_ty
-        y = acc.to(dtype).to(tl.float32)  # the gate_up product, rounded
-        gate, up = tl.split(tl.reshape(y, (M_BLOCK, HB, 2)))
+        gate, up = _rounded_pairs(acc, dtype, M_BLOCK, HB)
         act = (gate / (1.0 + tl.exp(-gate)) * up).to(dtype)
         ms = tl.arange(0, M_BLOCK)
         out_cols = tl.program_id(0) * HB + tl.arange(0, HB)
@@ -226,8 +232,7 @@ if triton is not None:
             M_BLOCK, BLOCK_N, BLOCK_K, NORM, HAS_BIAS, EVEN_K, PDL,
         )  # fmt: skip
         dtype = q_ptr.dtype.element_ty
-        y = acc.to(dtype).to(tl.float32)  # the qkv product, rounded
-        a, b = tl.split(tl.reshape(y, (M_BLOCK, HB, 2)))
+        a, b = _rounded_pairs(acc, dtype, M_BLOCK, HB)
         ms = tl.arange(0, M_BLOCK)
         m_ok = ms < M
         if head < NUM_Q + NUM_KV:  # q and k heads rotate; v heads do not
