@@ -52,6 +52,14 @@ def graph_us(fn: Callable[[], object], reps: int = 50) -> float:
     return best
 
 
+def setup(model_path: str, batch_sizes: str) -> tuple[dict, torch.device, list[int], float]:
+    """The model's HF config, the device, the batch sizes asked for, the copy bandwidth."""
+    with open(os.path.join(model_path, "config.json")) as f:
+        cfg = json.load(f)
+    dev = torch.device("cuda")
+    return cfg, dev, [int(s) for s in batch_sizes.split(",")], copy_bandwidth(dev)
+
+
 def attention_dims(cfg: dict) -> tuple[int, int, int]:
     """(query heads, KV heads, head_dim) of an HF config dict."""
     heads, kv_heads = cfg["num_attention_heads"], cfg["num_key_value_heads"]
@@ -206,11 +214,7 @@ def main() -> None:
     p.add_argument("--context-spread", type=float, default=0.0, help="contexts vary by ± this")
     p.add_argument("--only", default="linear,attention,store,silu")
     a = p.parse_args()
-    with open(os.path.join(a.model_path, "config.json")) as f:
-        cfg = json.load(f)
-    dev = torch.device("cuda")
-    sizes = [int(s) for s in a.batch_sizes.split(",")]
-    bw = copy_bandwidth(dev)
+    cfg, dev, sizes, bw = setup(a.model_path, a.batch_sizes)
     print(f"{torch.cuda.get_device_name()}; copy bandwidth {bw / 1e12:.2f} TB/s; {a.model_path}")
     groups = {
         "linear": lambda: linear_rows(cfg, sizes, dev),

@@ -16,12 +16,10 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import os
 
 import torch
 import torch.nn.functional as F
-from bench_kernels import attention_dims, graph_us, projection_shapes
-from bench_one_batch import copy_bandwidth
+from bench_kernels import attention_dims, graph_us, projection_shapes, setup
 
 from loom.runtime.layers import cuda_kernels
 from loom.runtime.layers import small_batch as sb
@@ -132,11 +130,7 @@ def main() -> None:
     ap.add_argument("--sweep", action="store_true", help="time a grid of configs per shape")
     ap.add_argument("--json", help="write all rows here")
     args = ap.parse_args()
-    with open(os.path.join(args.model_path, "config.json")) as f:
-        cfg = json.load(f)
-    dev = torch.device("cuda")
-    batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
-    bw = copy_bandwidth(dev)
+    cfg, dev, batch_sizes, bw = setup(args.model_path, args.batch_sizes)
     print(f"copy bandwidth {bw / 1e12:.2f} TB/s", flush=True)
     lin = linear_table(cfg, batch_sizes, args.sweep, bw, dev)
     fused = fused_table(cfg, batch_sizes, dev)
