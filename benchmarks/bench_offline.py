@@ -45,8 +45,9 @@ def run_loom(a, requests, overlap: bool = True) -> dict:
         tokenizer_path=a.tokenizer_path,
         grammar_backend="none",
         disable_cuda_graph=a.disable_cuda_graph,
-        cuda_graph_max_bs=a.cuda_graph_max_bs,
     )
+    if a.cuda_graph_max_bs:
+        kw["cuda_graph_max_bs"] = a.cuda_graph_max_bs
     if a.max_running_requests:
         kw["max_running_requests"] = a.max_running_requests
     if a.mem_fraction_static:
@@ -126,7 +127,7 @@ def main() -> None:
     p.add_argument("--max-running-requests", type=int, default=None)
     p.add_argument("--mem-fraction-static", type=float, default=None)
     p.add_argument("--no-mixed-chunk", action="store_true", help="prefill and decode apart")
-    p.add_argument("--cuda-graph-max-bs", type=int, default=512)
+    p.add_argument("--cuda-graph-max-bs", type=int, default=None, help="default: the engine's")
     p.add_argument(
         "--overlap",
         choices=["on", "off", "both"],
