@@ -146,10 +146,10 @@ def profile_steps(a) -> None:
     host = []  # per forward: host seconds of the scheduler step that queued it, less waits
     start = time.perf_counter()
     while sched.has_work():
-        t, w, n = time.perf_counter(), waited[0], len(log)
+        t, w, logged = time.perf_counter(), waited[0], len(log)
         sched.step()
         sched.take_outputs()
-        forwards = len(log) - n
+        forwards = len(log) - logged
         host += [(time.perf_counter() - t - (waited[0] - w)) / max(forwards, 1)] * forwards
     torch.cuda.synchronize()
     wall = time.perf_counter() - start
