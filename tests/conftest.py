@@ -10,7 +10,8 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from tests.tiny_models import build_tiny_model  # noqa: E402
+from tests.http_helpers import server_tmpdir  # noqa: E402
+from tests.tiny_models import build_tiny_model, with_context  # noqa: E402
 
 ARCHS = ["llama", "qwen2", "qwen3", "mistral"]
 
@@ -32,6 +33,26 @@ def tiny_model_factory(tmp_path_factory):
         return build_tiny_model(arch, os.path.join(root, arch))
 
     return make
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tiny_model_factory) -> str:
+    return tiny_model_factory("llama")
+
+
+@pytest.fixture(scope="session")
+def long_llama(tiny_llama, tmp_path_factory) -> str:
+    """The tiny Llama with room for 16384 tokens, for requests that must still be running
+    when a test probes the server, even on a loaded machine (1000 tokens take ~4 s on CPU;
+    a starved test process has seen them finish first)."""
+    return with_context(tiny_llama, str(tmp_path_factory.mktemp("long-llama")), 16384)
+
+
+@pytest.fixture(scope="module")
+def tmpdir_env():
+    """A fresh TMPDIR for the module's servers, where their ipc socket folders appear."""
+    with server_tmpdir() as root:
+        yield root
 
 
 @pytest.fixture(scope="session")

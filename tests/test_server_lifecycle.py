@@ -19,32 +19,21 @@ from tests.http_helpers import (
     is_idle,
     server_info,
     server_pids,
-    server_tmpdir,
     sse_events,
     wait_until,
 )
 
 SERVER_ARGS = dict(device="cpu", max_total_tokens=4096, grammar_backend="none")
-LONG = {"max_new_tokens": 1000, "ignore_eos": True, "temperature": 0}
+LONG = {"max_new_tokens": 16000, "ignore_eos": True, "temperature": 0}  # for long_llama
 
 
 @pytest.fixture(scope="module")
-def folder(tiny_model_factory):
-    return tiny_model_factory("llama")
-
-
-@pytest.fixture(scope="module")
-def tmpdir_env():
-    with server_tmpdir() as root:
-        yield root
-
-
-@pytest.fixture(scope="module")
-def server(folder, tmpdir_env):
+def server(long_llama, tmpdir_env):
     """One server for the tests below, which run in file order: the last two break it on
     purpose (kill its scheduler, then stop it with SIGINT). It runs one request at a time
     and queues one more."""
-    rt = Runtime(folder, **SERVER_ARGS, max_running_requests=1, max_queued_requests=1)
+    args = {**SERVER_ARGS, "max_total_tokens": 2 * 16384}  # room for a LONG running and one queued
+    rt = Runtime(long_llama, **args, max_running_requests=1, max_queued_requests=1)
     yield rt
     rt.shutdown()
 
@@ -100,11 +89,11 @@ def test_sigint_stops_the_server_leaving_no_process_or_socket(server, tmpdir_env
     assert ipc_dirs(tmpdir_env) == []
 
 
-def test_the_server_exits_when_the_program_that_started_it_dies(folder, tmpdir_env):
+def test_the_server_exits_when_the_program_that_started_it_dies(tiny_llama, tmpdir_env):
     script = (
         "import time\n"
         "from loom.backends.runtime import Runtime\n"
-        f"rt = Runtime({folder!r}, **{SERVER_ARGS!r})\n"
+        f"rt = Runtime({tiny_llama!r}, **{SERVER_ARGS!r})\n"
         "print(rt.url, flush=True)\n"
         "time.sleep(600)\n"
     )

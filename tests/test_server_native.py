@@ -21,25 +21,13 @@ from tests.http_helpers import (
     is_idle,
     server_info,
     server_pids,
-    server_tmpdir,
     sse_events,
     wait_until,
 )
 
 GREEDY = {"temperature": 0, "ignore_eos": True}
-SERVER_ARGS = dict(device="cpu", max_total_tokens=8192, grammar_backend="none")
-LONG = {**GREEDY, "max_new_tokens": 1000}  # the tiny model's context is 1024
-
-
-@pytest.fixture(scope="module")
-def folder(tiny_model_factory):
-    return tiny_model_factory("llama")
-
-
-@pytest.fixture(scope="module")
-def tmpdir_env():
-    with server_tmpdir() as root:
-        yield root
+SERVER_ARGS = dict(device="cpu", max_total_tokens=32768, grammar_backend="none")
+LONG = {**GREEDY, "max_new_tokens": 16000}  # long_llama's context is 16384
 
 
 @pytest.fixture(scope="module")
@@ -51,8 +39,8 @@ def chat_template(tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="module")
-def runtime(folder, tmpdir_env, chat_template):
-    with Runtime(folder, **SERVER_ARGS, chat_template=chat_template) as rt:
+def runtime(long_llama, tmpdir_env, chat_template):
+    with Runtime(long_llama, **SERVER_ARGS, chat_template=chat_template) as rt:
         yield rt
 
 
@@ -110,10 +98,10 @@ def test_stream_deltas_concatenate_to_the_result_and_end_with_done(url):
     assert chunks[-1]["meta_info"]["finish_reason"]["type"] == "length"
 
 
-def test_32_concurrent_streams_equal_the_engine_greedy_results(url, folder):
+def test_32_concurrent_streams_equal_the_engine_greedy_results(url, long_llama):
     prompts = [words([5 + i, 7 + 2 * i, 100 + i]) for i in range(32)]
     params = {**GREEDY, "max_new_tokens": 12}
-    with Engine(folder, **SERVER_ARGS) as engine:
+    with Engine(long_llama, **SERVER_ARGS) as engine:
         expected = [r["text"] for r in engine.generate(prompts, params)]
 
     async def stream_one(client: httpx.AsyncClient, prompt: str) -> str:
@@ -182,7 +170,7 @@ def test_abort_request_ends_a_running_stream_with_abort(url):
         ({"text": "t5", "sampling_params": {"temperature": "hot"}}, "temperature"),
         ({"text": "t5", "sampling_params": {"max_tokens": 3}}, "unknown sampling parameter"),
         ({"text": ""}, "empty"),
-        ({"input_ids": [5] * 1100}, "context length"),
+        ({"input_ids": [5] * 16400}, "context length"),
         ({"input_ids": [5, 9999]}, "outside"),
     ],
 )
@@ -200,11 +188,12 @@ def test_health_and_health_generate_are_ok(url):
     assert httpx.get(url + "/health_generate", timeout=30).status_code == 200
 
 
-def test_model_info_and_server_info_describe_the_server(url, folder):
+def test_model_info_and_server_info_describe_the_server(url, long_llama):
     model = httpx.get(url + "/model_info").json()
-    assert model["model_path"] == folder and model["context_length"] == 1024
+    assert model["model_path"] == long_llama and model["context_length"] == 16384
     info = server_info(url)
-    assert info["max_total_tokens"] == 8192 and info["args"]["max_total_tokens"] == 8192
+    pool = SERVER_ARGS["max_total_tokens"]
+    assert info["max_total_tokens"] == pool and info["args"]["max_total_tokens"] == pool
     assert info["available_tokens"] + info["cache_tokens"] == info["max_total_tokens"]
     assert set(info["process_ids"]) == {"server", "scheduler", "detokenizer"}
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
@@ -93,3 +95,16 @@ def hf_greedy(model, prompt: list[int], max_new_tokens: int) -> list[int]:
             torch.tensor([[tokens[-1]]]), past_key_values=out.past_key_values, use_cache=True
         )
     return tokens
+
+
+def with_context(folder: str, dest: str, positions: int) -> str:
+    """A copy of a model folder whose config allows `positions` tokens."""
+    if not os.path.exists(os.path.join(dest, "config.json")):
+        shutil.copytree(folder, dest, dirs_exist_ok=True)
+        path = os.path.join(dest, "config.json")
+        with open(path) as f:
+            config = json.load(f)
+        config["max_position_embeddings"] = positions
+        with open(path, "w") as f:
+            json.dump(config, f)
+    return dest
