@@ -29,10 +29,13 @@ def _runner(folder: str) -> ModelRunner:
     return ModelRunner(ServerArgs(model_path=folder, device="cpu", max_total_tokens=4096), folder)
 
 
-def _start(runner: ModelRunner, prompts: list[list[int]]) -> list[Req]:
+def _start(runner: ModelRunner, prompts: list[list[int]], logprobs: bool = True) -> list[Req]:
+    """Requests with their prompts' KV slots allocated (asking for prompt logprobs unless
+    logprobs=False)."""
     reqs = []
     for i, p in enumerate(prompts):
-        req = Req(f"r{i}", p, SamplingParams(), return_logprob=True, logprob_start_len=0)
+        start = 0 if logprobs else -1
+        req = Req(f"r{i}", p, SamplingParams(), return_logprob=logprobs, logprob_start_len=start)
         req.req_pool_idx = runner.req_to_token_pool.alloc()
         runner.req_to_token_pool.write(req.req_pool_idx, 0, runner.allocator.alloc(len(p)))
         req.kv_len = len(p)
@@ -69,6 +72,30 @@ def test_prefill_and_decode_logits_match_transformers(arch, tiny_model_factory):
         for seq, row in zip(seqs, next_logits):
             ref = hf(torch.tensor([seq])).logits[0, -1]
             torch.testing.assert_close(row, ref, atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_prefill_reading_only_last_tokens_skips_the_rest_in_the_last_layer(
+    arch, tiny_model_factory
+):
+    """With no prompt logprobs asked, the last layer's output projection and MLP run on each
+    request's last token only, and the next-token logits still match transformers'."""
+    folder = tiny_model_factory(arch)
+    hf = load_reference(folder)
+    runner = _runner(folder)
+    prompts = random_prompts(3, seed=2)
+    reqs = _start(runner, prompts, logprobs=False)
+    rows_seen = []
+    last_mlp = runner.model.layers[-1].mlp
+    hook = last_mlp.register_forward_hook(lambda _m, args, _out: rows_seen.append(len(args[0])))
+    try:
+        out = runner.forward(batching.extend_batch(reqs, [0] * 3, runner.req_to_token_pool, "cpu"))
+    finally:
+        hook.remove()
+    assert rows_seen == [3] and out.prompt_logits == [None] * 3
+    for prompt, row in zip(prompts, out.next_logits, strict=True):
+        ref = hf(torch.tensor([prompt])).logits[0, -1]
+        torch.testing.assert_close(row, ref, atol=ATOL, rtol=0)
 
 
 def run_scheduler(sched: Scheduler, prompts, params: dict, arrive_every: int = 2) -> dict:

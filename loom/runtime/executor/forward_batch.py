@@ -28,6 +28,8 @@ class ForwardBatch:
     extend_seq_lens_cpu: list[int] = field(default_factory=list)  # EXTEND only: new tokens
     # Per request: first new-token index whose logits are needed (-1: only the last).
     logits_start_cpu: list[int] = field(default_factory=list)
+    # EXTEND: the only tokens whose final hidden states are returned (None: all of them).
+    output_rows: torch.Tensor | None = None
     # Filled by the attention backend's plan step.
     attn_metadata: object = None
     # DECODE replayed from a CUDA graph: batch_size is the padded, captured size.

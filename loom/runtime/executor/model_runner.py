@@ -173,13 +173,18 @@ class ModelRunner:
         if self.cuda_graphs is not None and self.cuda_graphs.can_run(batch):
             return LogitsOutput(self.cuda_graphs.replay(batch), [None] * batch.batch_size)
         self.attn_backend.plan(batch)
-        hidden = self.model(batch)
         if batch.mode is ForwardMode.DECODE:
+            hidden = self.model(batch)
             return LogitsOutput(self.model.compute_logits(hidden), [None] * batch.batch_size)
         last_rows = list(itertools.accumulate(batch.extend_seq_lens_cpu, initial=-1))[1:]
-        next_logits = self.model.compute_logits(
-            hidden[to_device(last_rows, torch.int64, hidden.device)]
-        )
+        last_rows = to_device(last_rows, torch.int64, self.device)
+        if all(start < 0 for start in batch.logits_start_cpu):
+            # Only each request's last token is read: the model returns just those rows.
+            batch.output_rows = last_rows
+            hidden = self.model(batch)
+            return LogitsOutput(self.model.compute_logits(hidden), [None] * batch.batch_size)
+        hidden = self.model(batch)
+        next_logits = self.model.compute_logits(hidden[last_rows])
         prompt_logits: list[torch.Tensor | None] = []
         offset = 0
         for ext_len, start in zip(batch.extend_seq_lens_cpu, batch.logits_start_cpu):

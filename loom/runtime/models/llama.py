@@ -61,7 +61,9 @@ class LlamaAttention(nn.Module):
         kernels, which rotate straight out of the projection, then do not apply."""
         return type(self).qk_norm is not LlamaAttention.qk_norm
 
-    def forward(self, positions: torch.Tensor, x: torch.Tensor, batch: ForwardBatch):
+    def forward(self, positions: torch.Tensor, x: torch.Tensor, batch: ForwardBatch, rows=None):
+        """Attention over every new token (all of them store K/V); the output projection
+        only of `rows` when given."""
         n = x.shape[0]
         qkv = self.qkv_proj(x)
         if self._rope_store(qkv):
@@ -76,7 +78,7 @@ class LlamaAttention(nn.Module):
                 self.num_kv_heads,
                 self.head_dim,
             )
-            return self.o_proj(core.attend(q, batch).reshape(n, self.q_size))
+            return self._project(core.attend(q, batch).reshape(n, self.q_size), rows)
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(n, self.num_heads, self.head_dim)
         k = k.view(n, self.num_kv_heads, self.head_dim)
@@ -84,7 +86,10 @@ class LlamaAttention(nn.Module):
         q, k = self.qk_norm(q, k)
         q, k = self.rotary(positions, q, k)
         out = self.attn(q, k, v, batch)
-        return self.o_proj(out.reshape(n, self.q_size))
+        return self._project(out.reshape(n, self.q_size), rows)
+
+    def _project(self, out: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
+        return self.o_proj(out if rows is None else out[rows])
 
     def _rope_store(self, qkv: torch.Tensor) -> bool:
         """Whether RoPE and the K/V store run as one kernel (rope_store): with no q/k norm
@@ -116,13 +121,16 @@ class LlamaDecoderLayer(nn.Module):
             bias=bool(getattr(config, "mlp_bias", False)),
         )
 
-    def forward(self, positions, hidden, residual, batch: ForwardBatch):
+    def forward(self, positions, hidden, residual, batch: ForwardBatch, rows=None):
+        """rows: compute past attention only for these tokens (and return only them)."""
         if residual is None:
             residual = hidden
             hidden = self.input_layernorm(hidden)
         else:
             hidden, residual = self.input_layernorm.forward_with_residual(hidden, residual)
-        hidden = self.self_attn(positions, hidden, batch)
+        hidden = self.self_attn(positions, hidden, batch, rows)
+        if rows is not None:
+            residual = residual[rows]
         hidden, residual = self.post_attention_layernorm.forward_with_residual(hidden, residual)
         return self.mlp(hidden), residual
 
@@ -184,7 +192,9 @@ class LlamaForCausalLM(nn.Module):
         return self.embed_tokens.weight if self.tie_word_embeddings else self.lm_head.weight
 
     def forward(self, batch: ForwardBatch) -> torch.Tensor:
-        """Final normed hidden states of every new token: (num_tokens, hidden)."""
+        """Final normed hidden states of every new token, (num_tokens, hidden); or, when
+        batch.output_rows is set, of those rows only: the last layer's output projection and
+        MLP then skip the other tokens, whose hidden states nothing reads."""
         if self._small_batch(batch):
             residual = self.embed_tokens(batch.input_ids)
             for layer in self.layers:
@@ -192,8 +202,10 @@ class LlamaForCausalLM(nn.Module):
             return self.norm(residual)
         hidden = self.embed_tokens(batch.input_ids)
         residual = None
-        for layer in self.layers:
-            hidden, residual = layer(batch.positions, hidden, residual, batch)
+        last = len(self.layers) - 1
+        for i, layer in enumerate(self.layers):
+            rows = batch.output_rows if i == last else None
+            hidden, residual = layer(batch.positions, hidden, residual, batch, rows)
         hidden, _ = self.norm.forward_with_residual(hidden, residual)
         return hidden
 
