@@ -122,7 +122,8 @@ class LlamaDecoderLayer(nn.Module):
         )
 
     def forward(self, positions, hidden, residual, batch: ForwardBatch, rows=None):
-        """rows: compute past attention only for these tokens (and return only them)."""
+        """rows: every token goes through attention (storing its K/V), but only these go on
+        through the output projection and MLP, and only they are returned."""
         if residual is None:
             residual = hidden
             hidden = self.input_layernorm(hidden)
