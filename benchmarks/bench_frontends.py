@@ -13,6 +13,8 @@ download sglang --no-deps`, its `sglang/lang` files, the small dependencies they
 
     python benchmarks/bench_frontends.py --fetch-sglang /tmp/sglang-frontend
     python benchmarks/bench_frontends.py --sglang-path /tmp/sglang-frontend --num-programs 64
+    python benchmarks/bench_frontends.py --sglang-path /tmp/sglang-frontend --smoke \
+        --model-path TINY_MODEL                                          (CI, on CPU)
 """
 
 from __future__ import annotations
@@ -26,10 +28,13 @@ import sys
 import time
 import zipfile
 
+import smoke
+
 import loom
 
 SYSTEM = "You are a helpful assistant. Answer in one short sentence."
 TOPICS = ["rivers", "stars", "bread", "chess", "rain", "bees", "glass", "maps"]
+SMOKE = dict(device="cpu", num_programs=2, output_len=2, repeats=1, max_total_tokens=1024)
 
 
 def questions(n: int) -> list[str]:
@@ -65,10 +70,11 @@ def import_sglang(path: str):
     return sgl, RuntimeEndpoint
 
 
-def fetch_sglang(dest: str) -> None:
+def fetch_sglang(dest: str, version: str | None = None) -> None:
     os.makedirs(dest, exist_ok=True)
     pip = [sys.executable, "-m", "pip"]
-    subprocess.run([*pip, "download", "sglang", "--no-deps", "-d", dest], check=True)
+    spec = f"sglang=={version}" if version else "sglang"
+    subprocess.run([*pip, "download", spec, "--no-deps", "-d", dest], check=True)
     wheel = sorted(glob.glob(os.path.join(dest, "sglang-*.whl")))[-1]
     keep = ("sglang/lang/", "sglang/utils.py", "sglang/srt/environ.py", "sglang/version.py")
     with zipfile.ZipFile(wheel) as z:
@@ -101,18 +107,20 @@ def timed_batch(program, items, backend, meta_var: str) -> tuple[float, int, int
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--fetch-sglang", metavar="DIR", help="build SGLang's frontend in DIR, exit")
+    p.add_argument("--sglang-version", help="with --fetch-sglang (default: the latest)")
     p.add_argument("--sglang-path", help="folder holding SGLang's frontend (see above)")
     p.add_argument("--url", default=None, help="a running loom serve (default: start one)")
     p.add_argument("--model-path", default=None)
     p.add_argument("--load-format", default="auto")
     p.add_argument("--tokenizer-path", default=None)
     p.add_argument("--device", default="auto")
+    p.add_argument("--max-total-tokens", type=int, default=None, help="KV pool (default: loom's)")
     p.add_argument("--num-programs", type=int, default=64)
     p.add_argument("--output-len", type=int, default=16)
     p.add_argument("--repeats", type=int, default=3)
-    a = p.parse_args()
+    a = smoke.parse_args(p, SMOKE)
     if a.fetch_sglang:
-        fetch_sglang(a.fetch_sglang)
+        fetch_sglang(a.fetch_sglang, a.sglang_version)
         return
     if not a.sglang_path:
         p.error("--sglang-path is required (build one with --fetch-sglang DIR)")
@@ -122,6 +130,8 @@ def main() -> None:
         model = dict(device=a.device, load_format=a.load_format)
         if a.tokenizer_path:
             model["tokenizer_path"] = a.tokenizer_path
+        if a.max_total_tokens:
+            model["max_total_tokens"] = a.max_total_tokens
         runtime = loom.Runtime(a.model_path, **model)
         a.url = runtime.url
     try:

@@ -11,6 +11,7 @@ inside the loop. For each concurrency level, the same chat prompts run three way
   (min_new_tokens = max_new_tokens), so the model does the same work unmasked.
 
     python benchmarks/bench_json.py --concurrency 1 8 --max-new-tokens 96
+    python benchmarks/bench_json.py --smoke        (CI: on CPU, two short requests)
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import json
 import time
 from dataclasses import dataclass
 
+import smoke
 import torch
 
 from loom.runtime import messages as m
@@ -79,6 +81,10 @@ CASES = [
     ),
 ]
 
+# Two short requests on CPU. The tokenizer must spell JSON: the default model's does, a tiny
+# test model's word tokenizer does not.
+SMOKE = dict(device="cpu", num_requests=2, concurrency=[2], max_new_tokens=8, max_total_tokens=2048)
+
 
 @dataclass
 class Run:
@@ -93,16 +99,24 @@ class Run:
     accepted: int = 0
 
 
-def make_requests(sched: Scheduler, n: int, max_new: int, lengths=None) -> list[m.GenerateRequest]:
+def prompt_ids(tokenizer, prompt: str) -> list[int]:
+    """The prompt as a user turn of the model's chat template; as plain text for a tokenizer
+    without one (the Llama-3 tokenizer of the dummy-weight GPU runs, a test's tokenizer)."""
+    if not getattr(tokenizer, "chat_template", None):
+        return tokenizer(prompt).input_ids
+    return tokenizer.apply_chat_template(
+        [{"role": "user", "content": prompt}],
+        tokenize=True,
+        add_generation_prompt=True,
+        return_dict=False,
+    )
+
+
+def make_requests(tokenizer, n: int, max_new: int, lengths=None) -> list[m.GenerateRequest]:
     reqs = []
     for i in range(n):
         prompt, schema = CASES[i % len(CASES)]
-        ids = sched.tokenizer.apply_chat_template(
-            [{"role": "user", "content": prompt}],
-            tokenize=True,
-            add_generation_prompt=True,
-            return_dict=False,
-        )
+        ids = prompt_ids(tokenizer, prompt)
         if lengths is None:
             params = SamplingParams(
                 temperature=0, max_new_tokens=max_new, json_schema=json.dumps(schema)
@@ -119,15 +133,15 @@ def timed_masks(sched: Scheduler, run: Run) -> None:
     """Wrap the scheduler's mask step (bitmask fill + apply) with a timer."""
     inner = sched.sampler._apply_grammar_masks
 
-    def apply(reqs, logits):
+    def apply(reqs, rows, logits):  # rows: the indices in reqs of the rows to mask
         if logits.is_cuda:  # time the mask alone: not the forward queued before it
             torch.cuda.synchronize()
         start = time.perf_counter()
-        inner(reqs, logits)
+        inner(reqs, rows, logits)
         if logits.is_cuda:  # the apply kernel is queued: time it too
             torch.cuda.synchronize()
         run.mask_seconds += time.perf_counter() - start
-        run.mask_rows += sum(r.grammar is not None for r in reqs)
+        run.mask_rows += len(rows)
 
     sched.sampler._apply_grammar_masks = apply
 
@@ -168,28 +182,30 @@ def main() -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--load-format", default="auto", help="dummy: random weights (GPU runs)")
     p.add_argument("--tokenizer-path", default=None)
-    args = p.parse_args()
+    p.add_argument("--max-total-tokens", type=int, default=16384, help="KV pool of each run")
+    args = smoke.parse_args(p, SMOKE)
     folder = resolve_model_path(args.model_path)
     common = dict(
         device=args.device,
-        max_total_tokens=16384,
+        max_total_tokens=args.max_total_tokens,
         disable_radix_cache=True,
         load_format=args.load_format,
         tokenizer_path=args.tokenizer_path,
     )
     off = Scheduler(ServerArgs(**common, enable_jump_forward=False), folder)
     on = Scheduler(ServerArgs(**common, enable_jump_forward=True), folder)
-    warm = make_requests(off, 1, 4)
+    tokenizer = off.tokenizer
+    warm = make_requests(tokenizer, 1, 4)
     run_once(off, "warm-up", warm, 1), run_once(on, "warm-up", warm, 1)
     rows = []
     for conc in args.concurrency:
         json_off = run_once(
-            off, "json", make_requests(off, args.num_requests, args.max_new_tokens), conc
+            off, "json", make_requests(tokenizer, args.num_requests, args.max_new_tokens), conc
         )
         json_on = run_once(
             on,
             "json + jump-forward",
-            make_requests(on, args.num_requests, args.max_new_tokens),
+            make_requests(tokenizer, args.num_requests, args.max_new_tokens),
             conc,
         )
         changed = sum(a != b for a, b in zip(json_on.outputs, json_off.outputs))
@@ -199,7 +215,10 @@ def main() -> None:
             print(f"concurrency {conc}: {changed} outputs differ with jump-forward (dummy weights)")
         lengths = [len(o) for o in json_off.outputs]
         plain = run_once(
-            off, "plain, same lengths", make_requests(off, args.num_requests, 0, lengths), conc
+            off,
+            "plain, same lengths",
+            make_requests(tokenizer, args.num_requests, 0, lengths),
+            conc,
         )
         rows += [(conc, r) for r in (plain, json_off, json_on)]
     print_table(rows)

@@ -13,6 +13,10 @@ Variants measured side by side, to choose between them on the card at hand:
 
     python benchmarks/bench_kernels.py --model-path benchmarks/configs/llama-3.1-8b \
         --batch-sizes 1,8,64,256 --context-len 512
+
+On CPU (--device cpu, as --smoke runs it in CI) each op is timed on the host's clock, the
+attention is loom's torch_native decode, and the FlashInfer and cuBLASLt variants are left
+out.
 """
 
 from __future__ import annotations
@@ -20,11 +24,20 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import time
 from collections.abc import Callable
 
+import smoke
 import torch
 import torch.nn.functional as F
 from bench_one_batch import copy_bandwidth
+
+from loom.radix.pool import KVCachePool, ReqToTokenPool
+from loom.runtime.executor.forward_batch import ForwardBatch, ForwardMode
+from loom.runtime.layers.attention.base import Attention
+from loom.runtime.layers.attention.torch_native import TorchNativeBackend
+
+SMOKE = dict(device="cpu", batch_sizes="1,2", context_len=16)
 
 
 def graph_us(fn: Callable[[], object], reps: int = 50) -> float:
@@ -52,11 +65,28 @@ def graph_us(fn: Callable[[], object], reps: int = 50) -> float:
     return best
 
 
-def setup(model_path: str, batch_sizes: str) -> tuple[dict, torch.device, list[int], float]:
+def host_us(fn: Callable[[], object], reps: int = 50) -> float:
+    """Microseconds per call of fn on the host's clock, after one warm-up call: graph_us's
+    CPU counterpart, where a call returns when its work is done."""
+    fn()
+    start = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    return (time.perf_counter() - start) * 1e6 / reps
+
+
+def kernel_us(fn: Callable[[], object], dev: torch.device, reps: int = 50) -> float:
+    """Microseconds per call of fn, on the device's timer."""
+    return graph_us(fn, reps) if dev.type == "cuda" else host_us(fn, reps)
+
+
+def setup(
+    model_path: str, batch_sizes: str, device: str = "cuda"
+) -> tuple[dict, torch.device, list[int], float]:
     """The model's HF config, the device, the batch sizes asked for, the copy bandwidth."""
     with open(os.path.join(model_path, "config.json")) as f:
         cfg = json.load(f)
-    dev = torch.device("cuda")
+    dev = torch.device(device)
     return cfg, dev, [int(s) for s in batch_sizes.split(",")], copy_bandwidth(dev)
 
 
@@ -92,8 +122,10 @@ def linear_rows(cfg: dict, batch_sizes: list[int], dev) -> list[tuple]:
                 "W @ x.T": lambda x=x, w=w: torch.mm(w, x.t()),
             }
             for variant, fn in variants.items():
-                us = graph_us(fn)
+                us = kernel_us(fn, dev)
                 rows.append(("linear", f"{name} {out_f}x{in_f}", bs, variant, us, nbytes, flops))
+            if dev.type != "cuda":  # cuBLASLt: a CUDA library
+                continue
             torch.backends.cuda.preferred_blas_library("cublaslt")
             us = graph_us(variants["F.linear"])
             torch.backends.cuda.preferred_blas_library("cublas")
@@ -108,14 +140,14 @@ def attention_rows(
 ) -> list[tuple]:
     """Decode attention per layer; each request's context is ctx, or drawn uniformly from
     ctx ± spread·ctx."""
-    import flashinfer
-
     heads, kv_heads, d = attention_dims(cfg)
     rows = []
     max_bs = max(batch_sizes)
     slots = max_bs * (ctx + int(spread * ctx)) + 1
     kv = torch.randn(slots, 2, 1, kv_heads, d, device=dev, dtype=torch.bfloat16)
-    workspace = torch.empty(256 << 20, dtype=torch.uint8, device=dev)
+    workspace = None  # FlashInfer's, on a GPU
+    if dev.type == "cuda":
+        workspace = torch.empty(256 << 20, dtype=torch.uint8, device=dev)
     gen = torch.Generator().manual_seed(0)
     label = f"decode ctx {ctx}" + (f" ± {spread:.0%}" if spread else "")
     for bs in batch_sizes:
@@ -128,12 +160,16 @@ def attention_rows(
         indices = torch.randperm(slots - 1, device=dev)[:total].to(torch.int32) + 1
         nbytes = total * 2 * kv_heads * d * 2
         flops = 4 * total * heads * d
+        if dev.type != "cuda":
+            us = _torch_native_decode_us(kv, q, lens, indices)
+            rows.append(("attention", label, bs, "torch_native", us, nbytes, flops))
+            continue
         variants = {"tensor cores": (True, "auto"), "CUDA cores": (False, "auto")}
         if torch.cuda.get_device_capability(dev)[0] == 9:
             variants["tensor cores, FA3"] = (True, "fa3")
         for variant, (tc, backend) in variants.items():
             try:
-                us = _decode_us(flashinfer, workspace, kv, q, indptr, indices, tc, backend)
+                us = _decode_us(workspace, kv, q, indptr, indices, tc, backend)
             except Exception as e:  # a backend this build or card lacks
                 print(f"{variant} at bs {bs}: {type(e).__name__}: {str(e)[:200]}")
                 continue
@@ -141,8 +177,38 @@ def attention_rows(
     return rows
 
 
-def _decode_us(flashinfer, workspace, kv, q, indptr, indices, tc, backend) -> float:
+def _torch_native_decode_us(kv, q, lens, indices) -> float:
+    """Microseconds of one layer's decode attention through loom's torch_native backend
+    (the CPU counterpart of FlashInfer's decode), planned once as the engine plans a step."""
+    bs, heads, d = q.shape
+    kv_heads, dev = kv.shape[3], q.device
+    pool = KVCachePool(kv.shape[0] - 1, 1, kv_heads, d, kv.dtype, dev)
+    pool.kv_buffers[0].copy_(kv[:, :, 0])
+    table = ReqToTokenPool(bs, int(lens.max()), dev)
+    starts = [0, *torch.cumsum(lens, 0).tolist()]
+    for row in range(bs):
+        table.write(row, 0, indices[starts[row] : starts[row + 1]])
+    backend = TorchNativeBackend(table, pool)
+    layer = Attention(0, heads, kv_heads, d, d**-0.5)
+    layer.backend = backend
+    batch = ForwardBatch(
+        mode=ForwardMode.DECODE,
+        batch_size=bs,
+        input_ids=torch.zeros(bs, dtype=torch.int64, device=dev),  # unread by attention
+        positions=(lens - 1).to(dev, torch.int64),
+        req_pool_indices=torch.arange(bs, device=dev),
+        seq_lens=lens.to(dev, torch.int64),
+        out_cache_loc=torch.zeros(bs, dtype=torch.int64, device=dev),
+        seq_lens_cpu=lens.tolist(),
+    )
+    backend.plan(batch)
+    return kernel_us(lambda: backend.decode(q, layer, batch), dev)
+
+
+def _decode_us(workspace, kv, q, indptr, indices, tc, backend) -> float:
     """Microseconds of one layer's decode attention through a FlashInfer decode wrapper."""
+    import flashinfer
+
     bs, heads, d = q.shape
     kv_heads, dev = kv.shape[3], q.device
     wrapper = flashinfer.BatchDecodeWithPagedKVCacheWrapper(
@@ -182,14 +248,12 @@ def store_rows(cfg: dict, batch_sizes: list[int], dev) -> list[tuple]:
         def one(loc=loc, kv=kv):
             pool[loc] = kv
 
-        rows.append(("kv store", "per layer", bs, "K then V", graph_us(two), nbytes))
-        rows.append(("kv store", "per layer", bs, "K and V at once", graph_us(one), nbytes))
+        rows.append(("kv store", "per layer", bs, "K then V", kernel_us(two, dev), nbytes))
+        rows.append(("kv store", "per layer", bs, "K and V at once", kernel_us(one, dev), nbytes))
     return rows
 
 
 def silu_rows(cfg: dict, batch_sizes: list[int], dev) -> list[tuple]:
-    import flashinfer.activation
-
     inter = cfg["intermediate_size"]
     rows = []
     for bs in batch_sizes:
@@ -200,9 +264,12 @@ def silu_rows(cfg: dict, batch_sizes: list[int], dev) -> list[tuple]:
             gate, up = x.split(inter, dim=-1)
             return F.silu(gate) * up
 
-        fused = graph_us(lambda x=x: flashinfer.activation.silu_and_mul(x))
-        rows.append(("silu·mul", "", bs, "flashinfer", fused, nbytes))
-        rows.append(("silu·mul", "", bs, "torch", graph_us(torch_silu), nbytes))
+        if dev.type == "cuda":
+            import flashinfer.activation
+
+            fused = graph_us(lambda x=x: flashinfer.activation.silu_and_mul(x))
+            rows.append(("silu·mul", "", bs, "flashinfer", fused, nbytes))
+        rows.append(("silu·mul", "", bs, "torch", kernel_us(torch_silu, dev), nbytes))
     return rows
 
 
@@ -213,9 +280,11 @@ def main() -> None:
     p.add_argument("--context-len", type=int, default=512)
     p.add_argument("--context-spread", type=float, default=0.0, help="contexts vary by ± this")
     p.add_argument("--only", default="linear,attention,store,silu")
-    a = p.parse_args()
-    cfg, dev, sizes, bw = setup(a.model_path, a.batch_sizes)
-    print(f"{torch.cuda.get_device_name()}; copy bandwidth {bw / 1e12:.2f} TB/s; {a.model_path}")
+    p.add_argument("--device", default="cuda", help="cpu: host timers, no FlashInfer")
+    a = smoke.parse_args(p, SMOKE)
+    cfg, dev, sizes, bw = setup(a.model_path, a.batch_sizes, a.device)
+    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "CPU"
+    print(f"{name}; copy bandwidth {bw / 1e12:.2f} TB/s; {a.model_path}")
     groups = {
         "linear": lambda: linear_rows(cfg, sizes, dev),
         "attention": lambda: attention_rows(cfg, sizes, a.context_len, dev, a.context_spread),

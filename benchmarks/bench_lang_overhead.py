@@ -6,6 +6,7 @@ both sides do the same model work; the ratio is what the language costs on top.
     python benchmarks/bench_lang_overhead.py --num-programs 64 --output-len 8
     python benchmarks/bench_lang_overhead.py --serve     (start a loom serve, use /generate)
     python benchmarks/bench_lang_overhead.py --url http://127.0.0.1:30000
+    python benchmarks/bench_lang_overhead.py --smoke --model-path TINY_MODEL   (CI, on CPU)
 """
 
 from __future__ import annotations
@@ -14,11 +15,15 @@ import argparse
 import statistics
 import time
 
+import smoke
+
 import loom
 from loom.backends.base import Capabilities, GenRequest, GenResult, ProgramBackend
 from loom.lang.backend_context import resolve_backend, roles_for
+from loom.lang.chat_template import RoleTemplate
 
 SYSTEM = "You are a helpful assistant. Answer in one short sentence."
+SMOKE = dict(num_programs=2, output_len=2, repeats=1, max_total_tokens=1024)
 
 
 @loom.function
@@ -65,15 +70,24 @@ def run_programs(backend, qs: list[str], args) -> float:
     return elapsed
 
 
-def run_batched_generate(generator, tokenizer, qs: list[str], args, warm=None) -> float:
-    prompts = [
-        tokenizer.apply_chat_template(
-            [{"role": "system", "content": SYSTEM}, {"role": "user", "content": q}],
-            tokenize=False,
-            add_generation_prompt=True,
+def chat_prompt(tokenizer, roles: RoleTemplate, question: str) -> str:
+    """The text `ask` sends: the conversation in the model's chat template, or, for a model
+    without one, in the roles the language falls back to."""
+    if not getattr(tokenizer, "chat_template", None):
+        turns = (("system", SYSTEM), ("user", question))
+        text = "".join(
+            roles.prefix(r, i == 0) + c + roles.suffix(r) for i, (r, c) in enumerate(turns)
         )
-        for q in qs
-    ]
+        return text + roles.prefix("assistant", False)
+    return tokenizer.apply_chat_template(
+        [{"role": "system", "content": SYSTEM}, {"role": "user", "content": question}],
+        tokenize=False,
+        add_generation_prompt=True,
+    )
+
+
+def run_batched_generate(generator, tokenizer, roles, qs: list[str], args, warm=None) -> float:
+    prompts = [chat_prompt(tokenizer, roles, q) for q in qs]
     params = {"max_new_tokens": args.output_len, "temperature": 0, "ignore_eos": True}
     start = time.perf_counter()
     if warm is not None:
@@ -95,13 +109,16 @@ def main() -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--load-format", default="auto", help="dummy: random weights (GPU runs)")
     p.add_argument("--tokenizer-path", default=None)
+    p.add_argument("--max-total-tokens", type=int, default=None, help="KV pool (default: loom's)")
     p.add_argument("--verbose", action="store_true", help="print every repeat's time")
-    args = p.parse_args()
+    args = smoke.parse_args(p, SMOKE)
 
     engine = runtime = None
     model = dict(device=args.device, load_format=args.load_format)
     if args.tokenizer_path:
         model["tokenizer_path"] = args.tokenizer_path
+    if args.max_total_tokens:
+        model["max_total_tokens"] = args.max_total_tokens
     if args.serve:
         runtime = loom.Runtime(args.model_path, **model)
         args.url = runtime.url
@@ -111,9 +128,9 @@ def main() -> None:
         engine = generator = loom.Engine(args.model_path, **model)
     backend = resolve_backend(generator)
     flush = generator.flush_cache
-    tokenizer = backend.tokenizer
+    tokenizer, roles = backend.tokenizer, roles_for(backend)
     qs = questions(args.num_programs)
-    run_batched_generate(generator, tokenizer, qs[:4], args)  # warm up both paths
+    run_batched_generate(generator, tokenizer, roles, qs[:4], args)  # warm up both paths
     run_programs(backend, qs[:4], args)
 
     def warm() -> None:  # what run_batch does first: send the shared prefix once
@@ -122,9 +139,11 @@ def main() -> None:
     times: dict[str, list[float]] = {"generate": [], "generate+warm": [], "run_batch": []}
     for _ in range(args.repeats):  # interleaved, each from an empty cache
         flush()
-        times["generate"].append(run_batched_generate(generator, tokenizer, qs, args))
+        times["generate"].append(run_batched_generate(generator, tokenizer, roles, qs, args))
         flush()
-        times["generate+warm"].append(run_batched_generate(generator, tokenizer, qs, args, warm))
+        times["generate+warm"].append(
+            run_batched_generate(generator, tokenizer, roles, qs, args, warm)
+        )
         flush()
         times["run_batch"].append(run_programs(backend, qs, args))
     median = {k: statistics.median(v) for k, v in times.items()}
@@ -145,7 +164,7 @@ def main() -> None:
         f"vs cold batch : {median['run_batch'] / median['generate']:.3f}x "
         "(run_batch / batched generate without it)"
     )
-    per_program = interpreter_cost(1000, roles_for(backend))
+    per_program = interpreter_cost(1000, roles)
     print(
         f"interpreter   : {per_program * 1e6:8.1f} us per program (run_batch of 1000 on an "
         f"instant backend) = {per_program / (median['run_batch'] / args.num_programs):.2%} "

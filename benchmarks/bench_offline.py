@@ -15,30 +15,46 @@ import json
 import random
 import time
 
+import smoke
 import torch
 
 from loom.runtime.engine import Engine
 
+SMOKE = dict(
+    device="cpu",
+    dtype="float32",
+    num_prompts=2,
+    random_input_len=16,
+    random_output_len=4,
+    hf_prompts=2,
+    max_total_tokens=1024,
+)
 
-def load_requests(a) -> list[tuple[list[int], int]]:
+
+def load_requests(a, vocab_size: int) -> list[tuple[list[int], int]]:
+    """(prompt ids, output length) pairs, the ids folded into the model's vocabulary (the
+    random dataset draws ids up to 30000; a small model's vocabulary may be smaller)."""
     rng = random.Random(a.seed)
     if a.dataset == "sharegpt":
         with open(a.sharegpt_path) as f:
             rows = json.load(f)["rows"][: a.num_prompts]
-        return [(r["input_ids"], r["output_len"]) for r in rows]
-    lo = max(1, int(a.random_input_len * a.random_range_ratio))
-    lo_out = max(1, int(a.random_output_len * a.random_range_ratio))
-    return [
-        (
-            [rng.randrange(100, 30000) for _ in range(rng.randint(lo, a.random_input_len))],
-            rng.randint(lo_out, a.random_output_len),
-        )
-        for _ in range(a.num_prompts)
-    ]
+        requests = [(r["input_ids"], r["output_len"]) for r in rows]
+    else:
+        lo = max(1, int(a.random_input_len * a.random_range_ratio))
+        lo_out = max(1, int(a.random_output_len * a.random_range_ratio))
+        requests = [
+            (
+                [rng.randrange(100, 30000) for _ in range(rng.randint(lo, a.random_input_len))],
+                rng.randint(lo_out, a.random_output_len),
+            )
+            for _ in range(a.num_prompts)
+        ]
+    return [([t % vocab_size for t in ids], n) for ids, n in requests]
 
 
 def run_loom(a, requests, overlap: bool = True) -> dict:
     kw = dict(
+        device=a.device,
         disable_overlap_schedule=not overlap,
         load_format=a.load_format,
         dtype=a.dtype,
@@ -52,6 +68,8 @@ def run_loom(a, requests, overlap: bool = True) -> dict:
         kw["max_running_requests"] = a.max_running_requests
     if a.mem_fraction_static:
         kw["mem_fraction_static"] = a.mem_fraction_static
+    if a.max_total_tokens:
+        kw["max_total_tokens"] = a.max_total_tokens
     if a.no_mixed_chunk:
         kw["enable_mixed_chunk"] = False
     with Engine(a.model_path, **kw) as engine:
@@ -78,14 +96,16 @@ def _generate(engine, requests):
 def run_transformers(a, requests) -> dict:
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    dtype = getattr(torch, a.dtype)
+    from loom.runtime.executor.model_runner import resolve_device
+
+    dtype, dev = getattr(torch, a.dtype), resolve_device(a.device)
     if a.load_format == "dummy":
-        with torch.device("cuda"):
+        with dev:
             model = AutoModelForCausalLM.from_config(
                 AutoConfig.from_pretrained(a.model_path), dtype=dtype
             )
     else:
-        model = AutoModelForCausalLM.from_pretrained(a.model_path, dtype=dtype).cuda()
+        model = AutoModelForCausalLM.from_pretrained(a.model_path, dtype=dtype).to(dev)
     model.eval()
     model.generation_config.eos_token_id = None
     pad = 0
@@ -93,10 +113,8 @@ def run_transformers(a, requests) -> dict:
     for i in range(0, len(requests), a.hf_batch_size):
         batch = requests[i : i + a.hf_batch_size]
         width = max(len(ids) for ids, _ in batch)
-        ids = torch.tensor([[pad] * (width - len(p)) + p for p, _ in batch], device="cuda")
-        mask = torch.tensor(
-            [[0] * (width - len(p)) + [1] * len(p) for p, _ in batch], device="cuda"
-        )
+        ids = torch.tensor([[pad] * (width - len(p)) + p for p, _ in batch], device=dev)
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p, _ in batch], device=dev)
         new = max(n for _, n in batch)
         with torch.no_grad():
             model.generate(
@@ -108,14 +126,18 @@ def run_transformers(a, requests) -> dict:
                 pad_token_id=pad,
             )
         useful += sum(n for _, n in batch)
-    torch.cuda.synchronize()
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
     return dict(requests=len(requests), seconds=time.perf_counter() - start, output_tokens=useful)
 
 
 def main() -> None:
+    from transformers import AutoConfig
+
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--model-path", required=True)
     p.add_argument("--load-format", default="auto")
+    p.add_argument("--device", default="auto", help="loom's and the baseline's")
     p.add_argument("--tokenizer-path", default=None)
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--dataset", choices=["random", "sharegpt"], default="random")
@@ -126,6 +148,7 @@ def main() -> None:
     p.add_argument("--random-range-ratio", type=float, default=0.5)
     p.add_argument("--max-running-requests", type=int, default=None)
     p.add_argument("--mem-fraction-static", type=float, default=None)
+    p.add_argument("--max-total-tokens", type=int, default=None, help="KV pool (default: loom's)")
     p.add_argument("--no-mixed-chunk", action="store_true", help="prefill and decode apart")
     p.add_argument("--cuda-graph-max-bs", type=int, default=None, help="default: the engine's")
     p.add_argument(
@@ -138,8 +161,8 @@ def main() -> None:
     p.add_argument("--hf-prompts", type=int, default=128, help="baseline subset (0: skip)")
     p.add_argument("--hf-batch-size", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
-    a = p.parse_args()
-    requests = load_requests(a)
+    a = smoke.parse_args(p, SMOKE)
+    requests = load_requests(a, AutoConfig.from_pretrained(a.model_path).vocab_size)
     rows = []
     for overlap in {"on": [True], "off": [False], "both": [True, False]}[a.overlap]:
         tag = "" if a.overlap != "both" else ", overlap" if overlap else ", no overlap"

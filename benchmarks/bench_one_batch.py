@@ -17,6 +17,7 @@ import argparse
 import statistics
 import time
 
+import smoke
 import torch
 
 from loom.radix.pool import KVCachePool
@@ -27,19 +28,24 @@ from loom.runtime.sampling_params import SamplingParams
 from loom.runtime.scheduler import batch as batching
 from loom.runtime.scheduler.request import Req
 
+SMOKE = dict(device="cpu", dtype="float32", batch_sizes="1,2", input_lens="16", decode_steps=3)
 
-def copy_bandwidth(device: torch.device, nbytes: int = 2 << 30) -> float:
-    """Bytes per second of a device-to-device copy, counting bytes read plus written."""
+
+def copy_bandwidth(device: torch.device, nbytes: int | None = None) -> float:
+    """Bytes per second of a device-to-device copy, counting bytes read plus written; of
+    2 GB on a GPU, 256 MB on CPU (past its caches too, in a fraction of the time)."""
+    if nbytes is None:
+        nbytes = 2 << 30 if device.type == "cuda" else 256 << 20
     src = torch.randint(0, 255, (nbytes,), dtype=torch.uint8, device=device)
     dst = torch.empty_like(src)
     for _ in range(3):
         dst.copy_(src)
-    torch.cuda.synchronize()
+    sync(device)
     times = []
     for _ in range(10):
         t = time.perf_counter()
         dst.copy_(src)
-        torch.cuda.synchronize()
+        sync(device)
         times.append(time.perf_counter() - t)
     return 2 * nbytes / statistics.median(times)
 
@@ -54,10 +60,11 @@ def run_case(
 ) -> tuple[float, float, float]:
     dev = runner.device
     g = torch.Generator().manual_seed(bs * 7919 + input_len)
+    top = min(1000, runner.vocab_size)  # ids below 1000, in a tiny model's vocabulary too
     reqs = []
     for i in range(bs):
         req = Req(
-            f"b{i}", torch.randint(10, 1000, (input_len,), generator=g).tolist(), SamplingParams()
+            f"b{i}", torch.randint(10, top, (input_len,), generator=g).tolist(), SamplingParams()
         )
         req.req_pool_idx = runner.req_to_token_pool.alloc()
         runner.req_to_token_pool.write(req.req_pool_idx, 0, runner.allocator.alloc(input_len))
@@ -141,7 +148,7 @@ def main() -> None:
     p.add_argument("--batch-sizes", default="1,8,32,64,128,256")
     p.add_argument("--input-lens", default="128,1024")
     p.add_argument("--decode-steps", type=int, default=24)
-    a = p.parse_args()
+    a = smoke.parse_args(p, SMOKE)
     sizes = [int(x) for x in a.batch_sizes.split(",")]
     lens = [int(x) for x in a.input_lens.split(",")]
     args = ServerArgs(

@@ -9,6 +9,7 @@ rate and a concurrency given is one setting, one table row. Output lengths are f
     python benchmarks/bench_serving.py --base-url http://127.0.0.1:30000 --backend openai \
         --dataset sharegpt --sharegpt-path ASSETS/sharegpt.json --num-prompts 1000 \
         --max-concurrency 64 256
+    python benchmarks/bench_serving.py --launch --smoke --model-path TINY_MODEL   (CI, on CPU)
 
 --launch starts `loom serve` (loom.Runtime) with the server flags below and stops it at the
 end; --base-url targets one already running. --backend loom streams the native /generate,
@@ -44,12 +45,21 @@ from typing import NamedTuple
 
 import httpx
 import numpy as np
+import smoke
 from bench_offline import load_requests  # the random and sharegpt datasets
 
 from loom.backends.runtime import Runtime
 from loom.runtime.args import ServerArgs
 
 WARMUP_PROMPT_LEN, WARMUP_OUTPUT_LEN = 16, 4
+SMOKE = dict(
+    device="cpu",
+    max_total_tokens=4096,
+    grammar_backend="none",
+    num_prompts=2,
+    random_input_len=16,
+    random_output_len=4,
+)
 
 # ---- metrics (pure) ---------------------------------------------------------------------
 
@@ -310,11 +320,9 @@ def report_problems(outcomes: list[Outcome]) -> None:
 
 
 async def load_prompts(client: httpx.AsyncClient, url: str, a: argparse.Namespace):
-    """bench_offline's requests, token ids folded into the server's vocabulary (the random
-    dataset draws ids up to 30000; a small model's vocabulary may be smaller)."""
+    """bench_offline's requests, token ids in the server's vocabulary."""
     info = (await client.get(url + "/model_info")).raise_for_status().json()
-    vocab = info["vocab_size"]
-    return [([t % vocab for t in ids], n) for ids, n in load_requests(a)], info
+    return load_requests(a, info["vocab_size"]), info
 
 
 async def benchmark(a: argparse.Namespace, url: str) -> list[Summary]:
@@ -382,7 +390,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--request-timeout", type=float, default=3600.0, help="seconds")
     p.add_argument("--output-json", default=None, help="per-setting numbers and every request")
     ServerArgs.add_cli_args(p.add_argument_group("server (with --launch)"))
-    return p.parse_args(argv)
+    return smoke.parse_args(p, SMOKE, argv)
 
 
 def server_kwargs(a: argparse.Namespace) -> dict:

@@ -11,9 +11,20 @@ from __future__ import annotations
 import argparse
 import time
 
+import smoke
 import torch
 
 from loom.runtime.engine import Engine
+
+SMOKE = dict(
+    device="cpu",
+    max_total_tokens=1024,
+    num_groups=1,
+    prompts_per_group=2,
+    system_prompt_len=16,
+    question_len=4,
+    output_len=4,
+)
 
 
 def make_prompts(args, vocab_size: int, special: set[int]) -> list[list[int]]:
@@ -83,7 +94,7 @@ def main() -> None:
     p.add_argument("--question-len", type=int, default=32)
     p.add_argument("--output-len", type=int, default=16)
     p.add_argument("--seed", type=int, default=0)
-    args = p.parse_args()
+    args = smoke.parse_args(p, SMOKE)
     rows = [run(args, disable_cache=False), run(args, disable_cache=True)]
     same = rows[0]["outputs"] == rows[1]["outputs"]
     print(

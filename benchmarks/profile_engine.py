@@ -11,6 +11,9 @@
 
     python benchmarks/profile_engine.py --mode kernels --model-path benchmarks/configs/llama-3.1-8b \
         --load-format dummy --batch-size 1 --context 512
+
+On CPU (--device cpu, as --smoke runs it in CI) "kernels" are torch's CPU ops (their self
+time) and the host's clock stands in for CUDA events. --mode takes several modes in turn.
 """
 
 from __future__ import annotations
@@ -21,7 +24,9 @@ import pstats
 import time
 from collections import defaultdict
 
+import smoke
 import torch
+from bench_one_batch import sync
 
 from loom.runtime.args import ServerArgs
 from loom.runtime.executor.forward_batch import ForwardMode
@@ -33,12 +38,36 @@ from loom.runtime.scheduler import batch as batching
 from loom.runtime.scheduler.request import Req
 from loom.runtime.scheduler.scheduler import Scheduler
 
+SMOKE = dict(device="cpu", context=16, num_prompts=2, max_total_tokens=1024)
+
+
+class HostEvent:
+    """torch.cuda.Event's timing on the host's clock, for CPU runs (where a forward returns
+    when its work is done)."""
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+
+    def record(self) -> None:
+        self.seconds = time.perf_counter()
+
+    def synchronize(self) -> None:
+        pass
+
+    def elapsed_time(self, end: HostEvent) -> float:
+        return (end.seconds - self.seconds) * 1e3
+
+
+def timing_event(device: torch.device):
+    return torch.cuda.Event(enable_timing=True) if device.type == "cuda" else HostEvent()
+
 
 def profile_kernels(a) -> None:
     args = ServerArgs(
         model_path=a.model_path,
         load_format=a.load_format,
         dtype="bfloat16",
+        device=a.device,
         disable_cuda_graph=True,
         max_running_requests=a.batch_size,
         context_length=int(a.context * (1 + a.context_spread)) + 16,
@@ -56,7 +85,8 @@ def profile_kernels(a) -> None:
         req.kv_len = ctx
         reqs.append(req)
         rows.append(req.req_pool_idx)
-    last = torch.zeros(runner.req_to_token_pool.num_slots, dtype=torch.int64, device="cuda")
+    dev = runner.device
+    last = torch.zeros(runner.req_to_token_pool.num_slots, dtype=torch.int64, device=dev)
 
     def step():
         slots = runner.allocator.alloc(len(reqs))
@@ -67,29 +97,35 @@ def profile_kernels(a) -> None:
 
     for _ in range(3):
         step()
-    torch.cuda.synchronize()
+    sync(dev)
     steps = 5
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start, end = timing_event(dev), timing_event(dev)
     start.record()
     for _ in range(steps):
         step()
     end.record()
     end.synchronize()
     step_ms = start.elapsed_time(end) / steps
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+    on_gpu = dev.type == "cuda"
+    activity = (
+        torch.profiler.ProfilerActivity.CUDA if on_gpu else torch.profiler.ProfilerActivity.CPU
+    )
+    with torch.profiler.profile(activities=[activity]) as prof:
         for _ in range(steps):
             step()
-        torch.cuda.synchronize()
+        sync(dev)
+    kind = torch.autograd.DeviceType.CUDA if on_gpu else torch.autograd.DeviceType.CPU
     totals: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])
     for e in prof.events():
-        if e.device_type == torch.autograd.DeviceType.CUDA:
+        if e.device_type == kind:
             t = totals[e.name[:90]]
-            t[0] += e.device_time_total / steps
+            t[0] += (e.device_time_total if on_gpu else e.self_cpu_time_total) / steps
             t[1] += 1 / steps
     total = sum(v[0] for v in totals.values())
     print(
         f"\ndecode step, bs {a.batch_size}, context {a.context} ± {spread}: "
-        f"{total / 1e3:.2f} ms of kernels, {step_ms:.2f} ms a step (events, eager)"
+        f"{total / 1e3:.2f} ms of {'kernels' if on_gpu else 'CPU ops (self time)'}, "
+        f"{step_ms:.2f} ms a step (events, eager)"
     )
     print(f"{'us/step':>9} {'calls':>6} {'share':>6}  kernel")
     for name, (us, calls) in sorted(totals.items(), key=lambda kv: -kv[1][0])[:25]:
@@ -108,6 +144,8 @@ def sharegpt_scheduler(a) -> tuple[Scheduler, int]:
             load_format=a.load_format,
             tokenizer_path=a.tokenizer_path,
             dtype="bfloat16",
+            device=a.device,
+            max_total_tokens=a.max_total_tokens,
             grammar_backend="none",
         ),
         a.model_path,
@@ -124,7 +162,7 @@ def profile_steps(a) -> None:
     log = []  # (kind, batch size, new tokens, start event, end event)
 
     def timed(batch):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start, end = timing_event(runner.device), timing_event(runner.device)
         start.record()
         out = forward(batch)
         end.record()
@@ -151,7 +189,7 @@ def profile_steps(a) -> None:
         sched.take_outputs()
         forwards = len(log) - logged
         host += [(time.perf_counter() - t - (waited[0] - w)) / max(forwards, 1)] * forwards
-    torch.cuda.synchronize()
+    sync(runner.device)
     wall = time.perf_counter() - start
     HostCopy.get = get
     groups: dict[str, list[float]] = defaultdict(lambda: [0, 0.0, 0, 0.0, 0.0])
@@ -201,7 +239,7 @@ def profile_host(a) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--mode", choices=["kernels", "host", "steps"], required=True)
+    p.add_argument("--mode", choices=["kernels", "host", "steps"], nargs="+", required=True)
     p.add_argument("--model-path", required=True)
     p.add_argument("--load-format", default="dummy")
     p.add_argument("--tokenizer-path", default=None)
@@ -212,8 +250,11 @@ def main() -> None:
     )
     p.add_argument("--sharegpt-path", default=None)
     p.add_argument("--num-prompts", type=int, default=1000)
-    a = p.parse_args()
-    {"kernels": profile_kernels, "host": profile_host, "steps": profile_steps}[a.mode](a)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--max-total-tokens", type=int, default=None, help="host, steps: KV pool")
+    a = smoke.parse_args(p, SMOKE)
+    for mode in a.mode:
+        {"kernels": profile_kernels, "host": profile_host, "steps": profile_steps}[mode](a)
 
 
 if __name__ == "__main__":

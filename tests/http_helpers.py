@@ -33,7 +33,7 @@ def wait_until(predicate: Callable[[], bool], timeout: float, interval: float = 
 
 
 def server_info(url: str) -> dict:
-    return httpx.get(url + "/server_info", timeout=10).json()
+    return httpx.get(url + "/server_info", timeout=60).json()
 
 
 def is_idle(info: dict) -> bool:

@@ -1,5 +1,6 @@
-"""benchmarks/bench_serving.py: its metrics against hand-computed values, its stream reading
-against canned responses, and one run against a live `loom serve` on a tiny Llama."""
+"""benchmarks/bench_serving.py: its metrics against hand-computed values and its stream
+reading against canned responses (its run against a live `loom serve` on a tiny Llama is
+in test_benchmarks.py, with the other scripts' smoke runs)."""
 
 from __future__ import annotations
 
@@ -12,8 +13,6 @@ from pathlib import Path
 
 import httpx
 import pytest
-
-from tests.http_helpers import server_tmpdir
 
 # The benchmarks are scripts that import each other by file name, as `python benchmarks/x.py`
 # runs them; their folder goes on the path the same way.
@@ -172,38 +171,3 @@ def test_max_concurrency_caps_requests_in_flight():
     outcomes = asyncio.run(go())
     assert most == 3
     assert all(o.error is None for o in outcomes)
-
-
-# ---- a live server ----------------------------------------------------------------------
-
-
-def test_runs_every_setting_against_a_launched_server(tiny_model_factory, tmp_path, capsys):
-    out = tmp_path / "serving.json"
-    argv = [
-        "--launch",
-        "--model-path", tiny_model_factory("llama"),
-        "--device", "cpu",
-        "--max-total-tokens", "4096",
-        "--grammar-backend", "none",
-        "--dataset", "random",
-        "--num-prompts", "6",
-        "--random-input-len", "24",
-        "--random-output-len", "8",
-        "--request-rate", "40", "inf",
-        "--max-concurrency", "4",
-        "--output-json", str(out),
-    ]  # fmt: skip
-    with server_tmpdir():
-        summaries = bs.main(argv)
-    assert [(s.request_rate, s.max_concurrency) for s in summaries] == [(40.0, 4), (math.inf, 4)]
-    assert all(s.failed == 0 and s.requests == 6 for s in summaries)
-    settings = json.loads(out.read_text())["settings"]
-    assert [s["request_rate"] for s in settings] == [40.0, "inf"]
-    for setting in settings:
-        for r in setting["outcomes"]:
-            assert r["error"] is None
-            assert r["output_tokens"] == r["output_len"]
-            assert 0 < r["ttft"] <= r["e2e"]
-            assert r["prompt_tokens"] == r["input_len"]
-    table = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
-    assert len(table) == 1 + len(summaries)  # the header and a row per setting

@@ -1,20 +1,28 @@
 """Constrained decoding end to end through loom.Engine on the real default model
 (SmolLM2-135M): JSON schemas validate with `jsonschema`, regex outputs fullmatch, EBNF
 outputs parse with an independent parser, choices are among the choices; bad grammars are
-refused before scheduling and the engine keeps serving.
+refused before scheduling and the engine keeps serving. A compile that outlives its limit
+aborts only its request: that one runs on an in-process scheduler whose compiler the test
+holds back, so the limit is certainly exceeded on any machine.
 """
 
 from __future__ import annotations
 
 import ast
+import dataclasses
 import json
 import re
+import threading
+import time
 
 import jsonschema
 import pytest
 
+from loom.runtime.args import ServerArgs
 from loom.runtime.engine import Engine
-from loom.runtime.sampling_params import InvalidRequestError
+from loom.runtime.messages import GenerateRequest
+from loom.runtime.sampling_params import InvalidRequestError, SamplingParams
+from loom.runtime.scheduler.scheduler import Scheduler
 
 _STR = {"type": "string"}
 _POINT = {
@@ -158,8 +166,7 @@ CHOICES = [
 
 @pytest.fixture(scope="module")
 def engine(default_model_dir):
-    # A short compile limit, so a slow grammar fails within the test (see the last test).
-    with Engine(max_total_tokens=16384, grammar_compile_timeout=2.0) as e:
+    with Engine(max_total_tokens=16384) as e:
         yield e
 
 
@@ -281,14 +288,90 @@ def test_bad_grammar_is_refused_before_scheduling(engine, params, message):
     assert out["meta_info"]["finish_reason"] is not None
 
 
-def test_grammar_failing_at_compile_time_aborts_only_its_request(engine):
-    # Valid, but its masks take seconds to build: past the engine's 2 s compile limit.
-    props = {f"field_{i}": {"type": "string", "maxLength": 200 + i} for i in range(4)}
-    slow = {"type": "object", "properties": props, "required": list(props)}
-    out = engine.generate("Hello", {"max_new_tokens": 4, "json_schema": json.dumps(slow)})
-    reason = out["meta_info"]["finish_reason"]
+# (kind, text) of the constraints the in-process scheduler below compiles
+SLOW = ("json_schema", json.dumps(_POINT))
+YES_NO = ("regex", "(yes|no)")
+COLOR = ("regex", "(red|green|blue)")
+
+
+@dataclasses.dataclass
+class SlowCompile:
+    """SLOW's compile: it starts, then waits for `gate`, which only the test sets."""
+
+    gate: threading.Event = dataclasses.field(default_factory=threading.Event)
+    started: threading.Event = dataclasses.field(default_factory=threading.Event)
+    finished: threading.Event = dataclasses.field(default_factory=threading.Event)
+
+
+@pytest.fixture
+def gated_scheduler(default_model_dir, monkeypatch):
+    """An in-process scheduler with a 1 s compile limit whose compiler never finishes SLOW
+    while the test runs, and has YES_NO and COLOR compiled up front (a lookup, like a cache
+    hit): SLOW certainly outlives the limit, the others certainly do not."""
+    args = ServerArgs(
+        model_path=default_model_dir,
+        device="cpu",
+        max_total_tokens=2048,
+        grammar_backend="xgrammar",  # the compiler patched below is xgrammar's
+        grammar_compile_timeout=1.0,
+    )
+    sched = Scheduler(args, default_model_dir)
+    backend = sched.grammar
+    real = backend._compile
+    ready = {key: real(*key) for key in (YES_NO, COLOR)}  # outside any time limit
+    slow = SlowCompile()
+
+    def compile_(kind: str, text: str):
+        if (kind, text) != SLOW:
+            return ready[(kind, text)]
+        slow.started.set()
+        slow.gate.wait()
+        slow.finished.set()
+        return real(kind, text)
+
+    monkeypatch.setattr(backend, "_compile", compile_)
+    try:
+        yield sched, slow
+    finally:
+        slow.gate.set()
+        backend.shutdown()
+
+
+def run_to_end(sched: Scheduler, requests: list[GenerateRequest]) -> dict[str, tuple]:
+    """Step until every request finished: rid -> (output ids, finish reason)."""
+    for request in requests:
+        sched.add_request(request)
+    results: dict[str, tuple] = {}
+    hang_guard = time.monotonic() + 300  # a limit that never fires hangs the loop: fail
+    while sched.has_work():
+        assert time.monotonic() < hang_guard, "requests still unfinished after 300 s"
+        sched.step()
+        for out in sched.take_outputs():
+            ids = results.get(out.rid, ([], None))[0] + out.new_token_ids
+            results[out.rid] = (ids, out.finished_reason)
+    return results
+
+
+def constrained(rid: str, sched: Scheduler, constraint: tuple[str, str]) -> GenerateRequest:
+    kind, text = constraint
+    params = SamplingParams(temperature=0, max_new_tokens=8, **{kind: text})
+    return GenerateRequest(rid, sched.tokenizer.encode("Hello"), params)
+
+
+def test_grammar_failing_at_compile_time_aborts_only_its_request(gated_scheduler):
+    sched, slow = gated_scheduler
+    results = run_to_end(
+        sched, [constrained("slow", sched, SLOW), constrained("yes-no", sched, YES_NO)]
+    )
+    assert slow.started.is_set() and not slow.finished.is_set()  # aborted mid-compile
+    ids, reason = results["slow"]
     assert reason["type"] == "abort"
     assert "compile" in reason["message"]
-    assert out["output_ids"] == []
-    ok = engine.generate("Hello", {"max_new_tokens": 3, "regex": "(yes|no)"})
-    assert ok["text"] in ("yes", "no")
+    assert ids == []
+    ids, reason = results["yes-no"]  # the same run, beside the stuck compile
+    assert reason["type"] == "stop"
+    assert sched.tokenizer.decode(ids, skip_special_tokens=True) in ("yes", "no")
+    after = run_to_end(sched, [constrained("color", sched, COLOR)])  # and it keeps serving
+    ids, reason = after["color"]
+    assert reason["type"] == "stop"
+    assert sched.tokenizer.decode(ids, skip_special_tokens=True) in ("red", "green", "blue")

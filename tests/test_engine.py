@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import threading
 import time
 
 import pytest
 import torch
 
-from loom.runtime.engine import Engine
+from loom.backends.base import GenRequest
+from loom.backends.engine_backend import EngineBackend
+from loom.runtime.engine import Engine, EngineClosedError
 from loom.runtime.sampling_params import InvalidRequestError
+from tests.http_helpers import wait_until
 from tests.tiny_models import VOCAB, hf_greedy, load_reference
 
 GREEDY = {"temperature": 0, "ignore_eos": True}
@@ -225,3 +230,123 @@ def test_idle_engine_holds_no_kv_outside_the_cache(engine):
     assert info.available_tokens + info.cache_tokens == info.max_total_tokens
     assert engine.flush_cache().ok
     assert engine.get_server_info().available_tokens == info.max_total_tokens
+
+
+# ---- a shut-down engine fails fast -----------------------------------------------------
+
+CLOSED = "this Engine has been shut down; create a new one"
+HANG_GUARD_S = 120  # only a hang reaches this; a passing call returns at once
+
+
+def error_of(call) -> BaseException | None:
+    """What `call` raised, run on a thread joined with a bound: a call that hangs fails the
+    test instead of stalling the run."""
+    outcome: list[BaseException | None] = []
+
+    def run() -> None:
+        try:
+            call()
+        except BaseException as e:  # noqa: BLE001 - handed to the test
+            outcome.append(e)
+        else:
+            outcome.append(None)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(HANG_GUARD_S)
+    assert not thread.is_alive(), "the call hung"
+    return outcome[0]
+
+
+@pytest.fixture(scope="module")
+def closed_engine(folder):
+    e = Engine(folder, device="cpu", max_total_tokens=1024, grammar_backend="none")
+    served = e.generate(input_ids=[5, 6], sampling_params={**GREEDY, "max_new_tokens": 1})
+    assert len(served["output_ids"]) == 1  # it worked before shutdown
+    e.shutdown()
+    return e
+
+
+def _async_generate(engine: Engine, **kw):
+    return asyncio.run(engine.async_generate(input_ids=[5, 6], **kw))
+
+
+def _async_stream(engine: Engine):
+    async def run():
+        return [c async for c in await engine.async_generate(input_ids=[5, 6], stream=True)]
+
+    return asyncio.run(run())
+
+
+CALLS = {
+    "generate": lambda e: e.generate(input_ids=[5, 6]),
+    "generate a batch": lambda e: e.generate(input_ids=[[5, 6], [7]]),
+    "generate stream=True": lambda e: e.generate(input_ids=[5, 6], stream=True),
+    "async_generate": _async_generate,
+    "async_generate stream=True": _async_stream,
+    "get_server_info": lambda e: e.get_server_info(),
+    "flush_cache": lambda e: e.flush_cache(),
+    "loop": lambda e: e.loop,
+    "EngineBackend.generate": lambda e: EngineBackend(e).generate(
+        GenRequest("t5", {"max_new_tokens": 1})
+    ),
+}
+
+
+@pytest.mark.parametrize("call", CALLS.values(), ids=CALLS.keys())
+def test_every_call_on_a_shut_down_engine_raises_at_once(closed_engine, call):
+    error = error_of(lambda: call(closed_engine))
+    assert isinstance(error, EngineClosedError) and str(error) == CLOSED
+
+
+def test_shutdown_is_idempotent(closed_engine):
+    assert error_of(closed_engine.shutdown) is None
+    with closed_engine:  # leaving the block shuts it down once more
+        pass
+
+
+def test_a_stream_begun_before_shutdown_raises_on_its_next_chunk(folder):
+    e = Engine(folder, device="cpu", max_total_tokens=1024, grammar_backend="none")
+    chunks = e.generate(
+        input_ids=[5, 6], sampling_params={**GREEDY, "max_new_tokens": 8}, stream=True
+    )
+    assert len(next(chunks)["output_ids"]) == 1
+    e.shutdown()
+    error = error_of(lambda: next(chunks))
+    assert isinstance(error, EngineClosedError)
+
+
+def test_calls_in_flight_when_the_engine_shuts_down_fail_with_the_closed_error(folder):
+    """The scheduler is stopped (SIGSTOP), so both calls are certainly still waiting for
+    their answers when shutdown begins: they fail with the closed error, not hang."""
+    e = Engine(folder, device="cpu", max_total_tokens=1024, grammar_backend="none")
+    scheduler = e.process_ids["scheduler"]
+    params = {**GREEDY, "max_new_tokens": 4}
+    errors: dict[str, BaseException | None] = {}
+
+    def sync_call() -> None:
+        errors["generate"] = error_of(
+            lambda: e.generate(input_ids=[5, 6], sampling_params=params, rid="sync")
+        )
+
+    def async_call() -> None:
+        errors["async_generate"] = error_of(
+            lambda: _async_generate(e, sampling_params=params, rid="async")
+        )
+
+    os.kill(scheduler, signal.SIGSTOP)
+    callers = [threading.Thread(target=f) for f in (sync_call, async_call)]
+    stopper = threading.Thread(target=e.shutdown)
+    try:
+        for t in callers:
+            t.start()
+        assert wait_until(lambda: {"sync", "async"} <= e.manager.states.keys(), HANG_GUARD_S)
+        stopper.start()
+        for t in callers:
+            t.join()
+        assert set(errors) == {"generate", "async_generate"}
+        assert all(isinstance(err, EngineClosedError) for err in errors.values()), errors
+    finally:
+        os.kill(scheduler, signal.SIGCONT)
+    stopper.join(HANG_GUARD_S)
+    assert not stopper.is_alive()

@@ -3,12 +3,15 @@ Skipped where no CUDA device is present."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
 from loom.runtime.args import ServerArgs
 from loom.runtime.executor.model_runner import ModelRunner
 from loom.runtime.layers import small_batch
+from loom.runtime.messages import GenerateRequest
 from loom.runtime.sampling_params import SamplingParams
 from loom.runtime.scheduler import batch as batching
 from loom.runtime.scheduler.request import Req
@@ -249,3 +252,84 @@ def test_json_schema_on_the_gpu_path_validates(gpu_bpe_model):
             jsonschema.validate(json.loads(text), BOUNDED)
         if jump:
             assert sched.server_info().jump_forward_draft_tokens_total > 0
+
+
+CONFIG_ROOT = os.path.join(os.path.dirname(os.path.dirname(__file__)), "benchmarks", "configs")
+BENCH_CONFIGS = sorted(os.listdir(CONFIG_ROOT))
+
+
+@pytest.fixture(scope="module")
+def word_tokenizer_dir(tmp_path_factory) -> str:
+    folder = str(tmp_path_factory.mktemp("word-tokenizer"))
+    word_tokenizer().save_pretrained(folder)
+    return folder
+
+
+def _spread_weights(model: torch.nn.Module) -> None:
+    """Dummy weights at fan-in scale, so logits spread out and greedy picks are rarely
+    bf16 near-ties (the loader's dummy values are nearly flat). Same seeds, same values."""
+    for i, (_, param) in enumerate(sorted(model.named_parameters())):
+        if param.dim() == 2:
+            gen = torch.Generator(device=param.device).manual_seed(i)
+            bound = (3.0 / param.shape[1]) ** 0.5
+            param.data.uniform_(-bound, bound, generator=gen)
+
+
+def _teacher_forced_logits(runner: ModelRunner, sequences: list[list[int]], n: int):
+    """float32 logits predicting each sequence's last n tokens, in one prefill (logits
+    from position logprob_start_len - 1 to the end: n + 1 rows, the last one unused)."""
+    reqs = []
+    for i, seq in enumerate(sequences):
+        start = len(seq) - n
+        req = Req(f"r{i}", seq, SamplingParams(), return_logprob=True, logprob_start_len=start)
+        req.req_pool_idx = runner.req_to_token_pool.alloc()
+        runner.req_to_token_pool.write(req.req_pool_idx, 0, runner.allocator.alloc(len(seq)))
+        req.kv_len = len(seq)
+        reqs.append(req)
+    out = runner.forward(
+        batching.extend_batch(reqs, [0] * len(reqs), runner.req_to_token_pool, "cuda")
+    )
+    assert all(logits.shape[0] == n + 1 for logits in out.prompt_logits)
+    return [logits[:n] for logits in out.prompt_logits]
+
+
+@pytest.mark.parametrize("config", BENCH_CONFIGS)
+def test_each_benchmark_config_starts_and_decodes_torch_natives_greedy_tokens(
+    config, word_tokenizer_dir
+):
+    """The default CUDA path (FlashInfer, CUDA graphs of 1-1024 rows, overlap, small-batch
+    kernels) starts for every config, whatever its query-heads-per-KV-head ratio, and its
+    greedy tokens in batches of 2 and of 600 rows are torch_native's on the same tokens:
+    each pick is the reference's argmax, up to bf16 near-ties."""
+    folder = os.path.join(CONFIG_ROOT, config)
+    common = dict(load_format="dummy", tokenizer_path=word_tokenizer_dir, dtype="bfloat16")
+    sched = make_scheduler(folder, device="cuda", max_total_tokens=32768, **common)
+    assert sched.runner.cuda_graphs is not None and sched.runner.cuda_graphs.max_bs == 1024
+    _spread_weights(sched.runner.model)
+    small, large = random_prompts(2, seed=8, hi=300), random_prompts(600, seed=9, hi=24)
+    steps = {"small": 8, "large": 3}
+    got = {}
+    for name, prompts in (("small", small), ("large", large)):
+        for i, p in enumerate(prompts):
+            params = SamplingParams(max_new_tokens=steps[name], temperature=0, ignore_eos=True)
+            sched.add_request(GenerateRequest(f"{name}{i}", p, params))
+        while sched.has_work():
+            sched.step()
+        for out in sched.take_outputs():
+            got.setdefault(out.rid, []).extend(out.new_token_ids)
+    del sched
+    torch.cuda.empty_cache()
+
+    ref = _runner(folder, "torch_native", max_total_tokens=32768, **common)
+    _spread_weights(ref.model)
+    for name, prompts in (("small", small), ("large", large)):
+        tokens = [got[f"{name}{i}"] for i in range(len(prompts))]
+        assert all(len(t) == steps[name] for t in tokens)
+        seqs = [p + t for p, t in zip(prompts, tokens)]
+        for logits, picks in zip(_teacher_forced_logits(ref, seqs, steps[name]), tokens):
+            for row, pick in zip(logits, picks):
+                top2 = row.topk(2).values
+                tol = 0.05 + 0.02 * float(top2[0].abs())
+                assert float(row[pick]) >= float(top2[0]) - tol, (name, pick)
+                if float(top2[0] - top2[1]) > tol:
+                    assert pick == int(row.argmax()), (name, pick)

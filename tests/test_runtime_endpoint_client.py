@@ -10,7 +10,6 @@ import json
 import socket
 import sys
 import threading
-import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
@@ -19,9 +18,14 @@ from loom.backends.runtime_endpoint import RuntimeEndpoint, RuntimeEndpointError
 from loom.runtime.sampling_params import InvalidRequestError
 from tests.http_helpers import wait_until
 
+WAIT_S = 60  # bounds waits that only a broken client or server would reach
+CLIENT_THREADS = 8
+
 
 class FakeServer(ThreadingHTTPServer):
-    """Records what it saw: accepted connections, finished ones, request paths and bodies."""
+    """Records what it saw: accepted connections, finished ones, request paths and bodies.
+    A request with "meet" answers only once CLIENT_THREADS such requests are in the server
+    at once (else it answers 500); one with "hold" answers only after `release` is set."""
 
     daemon_threads = True
     request_queue_size = 64  # 8 threads connect at once; a full backlog costs a 1 s SYN retry
@@ -34,6 +38,8 @@ class FakeServer(ThreadingHTTPServer):
         self.open: set[socket.socket] = set()
         self.paths: list[str] = []
         self.bodies: list[dict] = []
+        self.meeting = threading.Barrier(CLIENT_THREADS, timeout=WAIT_S)
+        self.release = threading.Event()
 
     @property
     def url(self) -> str:
@@ -49,7 +55,7 @@ class FakeServer(ThreadingHTTPServer):
         with self.lock:
             for sock in self.open:
                 sock.shutdown(socket.SHUT_RDWR)
-        assert wait_until(lambda: self.finished == self.accepted, timeout=5)
+        assert wait_until(lambda: self.finished == self.accepted, timeout=WAIT_S)
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -79,7 +85,13 @@ class Handler(BaseHTTPRequestHandler):
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])) or b"null")
         self.server.bodies.append(body)
         body = body or {}
-        time.sleep(body.get("sleep", 0))
+        if body.get("hold"):
+            self.server.release.wait(WAIT_S)
+        if body.get("meet"):
+            try:
+                self.server.meeting.wait()
+            except threading.BrokenBarrierError:
+                body = {"status": 500, "message": "the requests were not in flight at once"}
         if "status" in body:
             self.send_json(body["status"], {"error": {"message": body["message"]}})
         elif body.get("hangup"):
@@ -180,24 +192,21 @@ def test_the_connection_has_nagle_off(endpoint):
 
 
 def test_threads_send_concurrently_each_on_its_own_connection(server, endpoint):
-    barrier = threading.Barrier(8)
+    # The server answers each round only once all threads' requests are in it at once.
     results: dict[int, list[str]] = {}
 
     def work(t: int):
-        barrier.wait()
         results[t] = [
-            endpoint.generate(f"{t}-{i}", sleep=0.05)["received"]["text"] for i in range(3)
+            endpoint.generate(f"{t}-{i}", meet=True)["received"]["text"] for i in range(3)
         ]
 
-    threads = [threading.Thread(target=work, args=(t,)) for t in range(8)]
-    start = time.monotonic()
+    threads = [threading.Thread(target=work, args=(t,)) for t in range(CLIENT_THREADS)]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join()
-    assert results == {t: [f"{t}-{i}" for i in range(3)] for t in range(8)}
-    assert server.accepted == 8
-    assert time.monotonic() - start < 8 * 3 * 0.05  # overlapped, not one after another
+    assert results == {t: [f"{t}-{i}" for i in range(3)] for t in range(CLIENT_THREADS)}
+    assert server.accepted == CLIENT_THREADS
 
 
 def test_a_stream_yields_its_chunks_in_order_until_done(server, endpoint):
@@ -284,10 +293,14 @@ def test_a_fresh_connection_is_not_retried(server, endpoint):
 
 def test_a_timeout_raises_and_the_next_request_starts_clean(server):
     ep = RuntimeEndpoint(server.url, timeout=0.2)
-    with pytest.raises(TimeoutError):
-        ep.generate("slow", sleep=1.0)
-    assert ep.generate("fast")["received"]["text"] == "fast"
-    ep.close()
+    try:
+        with pytest.raises(TimeoutError):
+            ep.generate("held", hold=True)  # not answered until after the timeout
+        server.release.set()
+        assert ep.generate("fast")["received"]["text"] == "fast"
+    finally:
+        server.release.set()
+        ep.close()
 
 
 def test_close_closes_connections_of_other_threads(server, endpoint):
@@ -297,14 +310,14 @@ def test_close_closes_connections_of_other_threads(server, endpoint):
     def work():
         answers.append(endpoint.generate("before")["text"])
         opened.set()
-        closed.wait(10)
+        closed.wait(WAIT_S)
         answers.append(endpoint.generate("after")["text"])  # reconnects lazily
 
     thread = threading.Thread(target=work)
     thread.start()
-    assert opened.wait(5)
+    assert opened.wait(WAIT_S)
     endpoint.close()
-    assert wait_until(lambda: server.finished == 1, timeout=2)
+    assert wait_until(lambda: server.finished == 1, timeout=WAIT_S)
     closed.set()
     thread.join()
     assert answers == ["ok", "ok"]
@@ -316,7 +329,7 @@ def test_a_thread_that_ended_leaves_no_open_connection(server, endpoint):
     thread.start()
     thread.join()
     assert server.accepted == 1
-    assert wait_until(lambda: server.finished == 1, timeout=5)
+    assert wait_until(lambda: server.finished == 1, timeout=WAIT_S)
 
 
 def test_health_is_true_for_a_live_server(server, endpoint):

@@ -1,10 +1,15 @@
 """Engine: the runtime without HTTP. Starts the scheduler and detokenizer processes and
-runs the tokenizer manager on an asyncio loop in a background thread."""
+runs the tokenizer manager on an asyncio loop in a background thread.
+
+Every call reaches the manager through `_submit`: once `shutdown` has begun, a new call
+raises EngineClosedError at once, and a call in flight fails with it (shutdown cancels
+what runs on the loop before stopping it), so no caller waits on a loop that is gone."""
 
 from __future__ import annotations
 
 import asyncio
 import atexit
+import concurrent.futures
 import logging
 import os
 import shutil
@@ -20,6 +25,13 @@ from loom.runtime.tokenizer.manager import TokenizerManager
 
 logger = logging.getLogger(__name__)
 
+_CLOSED = "this Engine has been shut down; create a new one"
+_CANCEL_WAIT_S = 5.0  # shutdown waits this long for cancelled calls to unwind
+
+
+class EngineClosedError(RuntimeError):
+    """The Engine was shut down: its processes are gone and it serves no more calls."""
+
 
 class Engine:
     def __init__(self, model_path: str | None = None, **server_args):
@@ -30,6 +42,7 @@ class Engine:
         self.args = ServerArgs.from_kwargs(model_path=model_path, **server_args)
         self.model_folder = resolve_model_path(model_path)
         self._procs: list = []
+        self._lock = threading.Lock()  # orders _closed against calls being submitted
         self._closed = False
         self._ipc_dir = tempfile.mkdtemp(prefix="loom-ipc-")
         addr = {k: f"ipc://{self._ipc_dir}/{k}" for k in ("scheduler", "detokenizer", "manager")}
@@ -94,7 +107,40 @@ class Engine:
         manager.start()
         return manager
 
+    def _check_open(self) -> None:
+        if self._closed:
+            raise EngineClosedError(_CLOSED)
+
+    def _submit(self, coro) -> concurrent.futures.Future:
+        """Run `coro` on the loop. Under the lock, so a call submitted before shutdown
+        starts is already on the loop when shutdown cancels what runs there."""
+        with self._lock:
+            if self._closed:
+                coro.close()
+                raise EngineClosedError(_CLOSED)
+            return asyncio.run_coroutine_threadsafe(self._guarded(coro), self._loop)
+
+    async def _guarded(self, awaitable):
+        try:
+            return await awaitable
+        except asyncio.CancelledError:
+            if self._closed:  # cancelled by shutdown, not by the caller
+                raise EngineClosedError(_CLOSED) from None
+            raise
+
     def _call(self, coro):
+        try:
+            return self._submit(coro).result()
+        except concurrent.futures.CancelledError:
+            if self._closed:  # cancelled by shutdown before it started
+                raise EngineClosedError(_CLOSED) from None
+            raise
+
+    async def _await(self, coro):
+        return await asyncio.wrap_future(self._submit(coro))
+
+    def _on_loop(self, coro):
+        """Run shutdown's own steps on the loop (they bypass the closed check)."""
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
 
     def _watch_scheduler(self) -> None:
@@ -119,6 +165,7 @@ class Engine:
     ):
         """A result dict (a list for a batch or n > 1); with stream=True an iterator of
         chunks whose `text` / `output_ids` are deltas."""
+        self._check_open()
         obj = GenerateInput(
             prompt,
             input_ids,
@@ -140,7 +187,7 @@ class Engine:
         try:
             while True:
                 try:
-                    yield self._call(agen.__anext__())
+                    yield self._call(_anext(agen))
                 except StopAsyncIteration:
                     return
         finally:
@@ -149,31 +196,29 @@ class Engine:
 
     async def async_generate(self, prompt=None, sampling_params=None, input_ids=None, **kw):
         """Like generate, for asyncio callers; with stream=True an async iterator."""
+        self._check_open()
         obj = GenerateInput(prompt, input_ids, sampling_params, **kw)
         prepared = self.manager.prepare(obj)
         if obj.stream:
             return self._astream(obj, prepared)
-        first = _first(self.manager.generate(obj, prepared))
-        return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(first, self._loop))
+        return await self._await(_first(self.manager.generate(obj, prepared)))
 
     async def _astream(self, obj: GenerateInput, prepared) -> AsyncIterator[dict]:
         agen = self.manager.generate(obj, prepared)
         try:
             while True:
-                future = asyncio.run_coroutine_threadsafe(agen.__anext__(), self._loop)
                 try:
-                    yield await asyncio.wrap_future(future)
+                    yield await self._await(_anext(agen))
                 except StopAsyncIteration:
                     return
         finally:
             if not self._closed:
-                await asyncio.wrap_future(
-                    asyncio.run_coroutine_threadsafe(agen.aclose(), self._loop)
-                )
+                await self._await(agen.aclose())
 
     @property
     def loop(self) -> asyncio.AbstractEventLoop:
         """The event loop the tokenizer manager runs on (the HTTP server serves on it too)."""
+        self._check_open()
         return self._loop
 
     @property
@@ -189,9 +234,14 @@ class Engine:
     # ---- lifetime ----------------------------------------------------------------------
 
     def shutdown(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
+        """Stop the processes; every later call raises EngineClosedError. Idempotent."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+        loop = getattr(self, "_loop", None)
+        if loop is not None:
+            self._on_loop(_end_calls())  # callers in flight fail now, not after the wait
         manager = getattr(self, "manager", None)
         alive = manager is not None and manager.dead is None
         if alive:
@@ -206,8 +256,7 @@ class Engine:
                 proc.kill()
                 proc.wait()
         if manager is not None:
-            self._call(manager.close())
-        loop = getattr(self, "_loop", None)
+            self._on_loop(manager.close())
         if loop is not None:
             loop.call_soon_threadsafe(loop.stop)
         shutil.rmtree(self._ipc_dir, ignore_errors=True)
@@ -217,6 +266,26 @@ class Engine:
 
     def __exit__(self, *exc) -> None:
         self.shutdown()
+
+
+async def _end_calls() -> None:
+    """Cancel every task on the loop but this one and let them unwind (a request's
+    cleanup sends its abort; a call cancelled so raises EngineClosedError, see `_guarded`),
+    then close the streams left open, here on the loop, not later wherever they are
+    garbage-collected."""
+    tasks = asyncio.all_tasks() - {asyncio.current_task()}
+    for task in tasks:
+        task.cancel()
+    if tasks:
+        await asyncio.wait(tasks, timeout=_CANCEL_WAIT_S)
+    await asyncio.get_running_loop().shutdown_asyncgens()
+
+
+async def _anext(agen):
+    """The next item of a manager generator, started on the loop so the loop owns its
+    cleanup (an async generator is finalized by the loop of the thread that first
+    iterated it)."""
+    return await agen.__anext__()
 
 
 async def _first(agen):

@@ -26,6 +26,10 @@ _WORKSPACE_BYTES = 256 << 20
 # bandwidth against 78-81% for the tensor-core kernel (H100, contexts 25-475; see
 # benchmarks/RESULTS.md). At 256 rows and fewer the tensor-core kernel is as fast or faster.
 _TENSOR_CORE_DECODE_MAX_BS = 512
+# The query-heads-per-KV-head ratios FlashInfer's CUDA-core decode kernel is built for
+# (its DISPATCH_GQA_GROUP_SIZE, 0.7.x). Any other ratio (Qwen2.5-0.5B and -7B have 7,
+# Qwen2.5-14B/32B 5) decodes on the tensor-core kernel at every batch size.
+CUDA_CORE_DECODE_GROUP_SIZES = frozenset({1, 2, 3, 4, 6, 8, 16})
 
 
 @dataclass
@@ -44,12 +48,13 @@ class FlashInferBackend(AttentionBackend):
         self.device = req_to_token_pool.req_to_token.device
         self.dtype = kv_pool.dtype
         self.workspace = torch.empty(_WORKSPACE_BYTES, dtype=torch.uint8, device=self.device)
+        group = self.num_heads // self.num_kv_heads
         # Tensor-core decode pays off once several query heads share a KV head.
-        self.tensor_core_decode = self.num_heads // self.num_kv_heads >= 4
+        self.tensor_core_decode = group >= 4
+        self.cuda_core_decode = group in CUDA_CORE_DECODE_GROUP_SIZES
         self.prefill = flashinfer.BatchPrefillWithPagedKVCacheWrapper(self.workspace, "NHD")
-        self.decode_wrappers = {
-            tc: self._decode_wrapper(tc) for tc in {self.tensor_core_decode, False}
-        }
+        kinds = {self._tensor_cores(1), self._tensor_cores(_TENSOR_CORE_DECODE_MAX_BS + 1)}
+        self.decode_wrappers = {tc: self._decode_wrapper(tc) for tc in kinds}
         self.graph_wrappers: dict[int, object] = {}
         # A wrapper's plan fills a pinned host buffer and queues its upload: under overlap
         # the next plan may come before that upload ran, so it waits for it first.
@@ -60,6 +65,11 @@ class FlashInferBackend(AttentionBackend):
         self.caches = [kv.unsqueeze(2) for kv in kv_pool.kv_buffers]
 
     def _tensor_cores(self, bs: int) -> bool:
+        """Whether a decode batch of bs rows takes the tensor-core kernel: the faster one
+        for grouped heads up to _TENSOR_CORE_DECODE_MAX_BS rows, and the only one for
+        group sizes the CUDA-core kernel lacks."""
+        if not self.cuda_core_decode:
+            return True
         return self.tensor_core_decode and bs <= _TENSOR_CORE_DECODE_MAX_BS
 
     def _decode_wrapper(
