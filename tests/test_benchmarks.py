@@ -170,21 +170,34 @@ def test_bench_frontends_runs_the_programs_through_both_frontends(sglang_fronten
 
 def test_bench_json_runs_plain_and_json_decoding_at_the_same_lengths(tiny_chat_llama):
     out = run_smoke("bench_json.py", "--model-path", tiny_chat_llama)
-    rows = table(out, "conc", "run", "tokens", "mask ms/step", "drafted")
-    runs = {r["run"]: r for r in rows}
-    assert list(runs) == ["plain, same lengths", "json", "json + jump-forward"]
-    # The plain run is forced to the JSON run's lengths; jump-forward must not change them.
-    assert runs["plain, same lengths"]["tokens"] == runs["json"]["tokens"]
-    assert runs["json + jump-forward"]["tokens"] == runs["json"]["tokens"]
+    rows = table(out, "backend", "conc", "run", "tokens", "vs plain", "mask us/row", "drafted")
+    assert {r["backend"] for r in rows} == {"xgrammar", "llguidance"}
+    for backend in ("xgrammar", "llguidance"):
+        runs = {r["run"]: r for r in rows if r["backend"] == backend}
+        assert list(runs) == ["plain, same lengths", "json", "json + jump-forward"]
+        # The plain run is forced to the JSON run's lengths; jump-forward must not change them.
+        assert runs["plain, same lengths"]["tokens"] == runs["json"]["tokens"]
+        assert runs["json + jump-forward"]["tokens"] == runs["json"]["tokens"]
+        assert number(runs["plain, same lengths"]["mask us/row"]) == 0  # no grammar, no mask
+        assert number(runs["plain, same lengths"]["vs plain"]) == 1
     assert all(finite(r["mask ms/step"]) and finite(r["tok/s"]) for r in rows)
-    assert number(runs["plain, same lengths"]["mask us/row"]) == 0  # no grammar, no mask
 
 
 def test_bench_json_sends_plain_prompts_without_a_chat_template(tiny_llama):
     tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
     assert not tokenizer.chat_template
-    reqs = bench_json.make_requests(tokenizer, 2, max_new=8)
+    reqs = bench_json.make_requests(tokenizer, bench_json.CASES, 2, max_new=8)
     assert [r.input_ids for r in reqs] == [tokenizer(p).input_ids for p, _ in bench_json.CASES[:2]]
+
+
+def test_bench_schema_coverage_runs_every_backend_on_two_schemas(default_model_dir):
+    # Two schemas of JSONSchemaBench's dev split, kept here: CI has no ../shared/data.
+    sample = os.path.join(REPO, "tests", "data", "jsonschemabench-sample.jsonl")
+    out = run_smoke("bench_schema_coverage.py", "--tokenizer", default_model_dir, "--data", sample)
+    for backend in ("xgrammar", "llguidance", "auto", "xgrammar-stock", "llguidance-stock"):
+        assert re.search(rf"^### {re.escape(backend)}\b", out, re.M), backend
+    assert "### reference" in out and "### summary" in out
+    assert len(re.findall(r"^\| \*\*total\*\* \| 2 \|", out, re.M)) >= 5
 
 
 def test_bench_kernels_times_every_op_group_on_cpu(tiny_llama):

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import os
 from abc import ABC, abstractmethod
 from concurrent.futures import Future
 
 import torch
+
+from loom.constrain import bitmask as masks
 
 
 class GrammarError(ValueError):
@@ -37,7 +40,14 @@ class GrammarMatcher(ABC):
 
 
 class GrammarBackend(ABC):
-    """Compiles constraints (cached, off the caller's thread) and applies token masks."""
+    """Compiles constraints (cached, off the caller's thread) and fills token masks.
+
+    Every backend writes the same bitmask layout (bitmask.py), so one step's rows may
+    come from matchers of different backends."""
+
+    name: str
+    vocab_size: int
+    matcher_type: type[GrammarMatcher]
 
     @abstractmethod
     def validate(self, kind: str, text: str, lenient: bool = False) -> None:
@@ -45,20 +55,36 @@ class GrammarBackend(ABC):
         raises GrammarError naming the problem. Called before a request is scheduled."""
 
     @abstractmethod
-    def get_matcher(self, kind: str, text: str) -> Future[GrammarMatcher]:
+    def get_matcher(self, kind: str, text: str, lenient: bool = False) -> Future[GrammarMatcher]:
         """A future matcher; compilation is cached by (kind, text) and runs in a thread pool.
-        The future raises GrammarError when the constraint does not compile."""
+        The future raises GrammarError when the constraint does not compile. `lenient`: a
+        JSON schema whose unenforceable keywords are dropped (the output is validated
+        afterwards)."""
 
-    @abstractmethod
+    def fill_bitmasks(
+        self, matchers: list[GrammarMatcher], rows: list[int], bitmask: torch.Tensor
+    ) -> None:
+        """Fill row rows[i] of a CPU bitmask for matchers[i] (this backend's matchers).
+        Backends override this to fill the rows in parallel, off the GIL."""
+        for matcher, row in zip(matchers, rows):
+            matcher.fill_bitmask(bitmask, row)
+
     def allocate_bitmask(self, batch_size: int) -> torch.Tensor:
         """A CPU bitmask with one row per request of a batch."""
+        return masks.allocate(batch_size, self.vocab_size)
 
-    @abstractmethod
     def apply_bitmask(
         self, logits: torch.Tensor, bitmask: torch.Tensor, rows: list[int] | None = None
     ) -> None:
         """Set disallowed logits to -inf in place, on the logits' device; only `rows`
         (all rows when None) are masked."""
+        masks.apply(logits, bitmask, self.vocab_size, rows)
 
     def shutdown(self) -> None:
         """Stop the compile threads."""
+
+
+def default_mask_threads() -> int:
+    """Threads that fill one step's masks: the cores this process may use, up to 16 (one
+    row of a 128k vocabulary takes tens to hundreds of microseconds)."""
+    return max(1, min(16, len(os.sched_getaffinity(0))))

@@ -1,4 +1,8 @@
-"""JSON Schema honesty: find what xgrammar cannot enforce, before a request runs.
+"""JSON Schema honesty: find what a grammar backend cannot enforce, before a request runs.
+
+The rules below are xgrammar's (`_problems`); llguidance's are shorter
+(`_llguidance_problems`: it refuses by itself what it does not implement). Both run on
+the schema as schema_normalize rewrites it.
 
 xgrammar 0.2.8 turns a JSON schema into a grammar, and silently drops what it cannot
 express: the grammar then accepts JSON the schema forbids. loom must never hand such
@@ -41,6 +45,8 @@ from jsonschema.validators import validator_for
 from referencing.jsonschema import DRAFT202012
 
 from loom.constrain.base import GrammarError
+from loom.constrain.formats import format_of
+from loom.constrain.schema_normalize import normalize
 from loom.constrain.schema_types import (
     ASSERTIONS,
     IGNORED_EVERYWHERE,
@@ -50,6 +56,11 @@ from loom.constrain.schema_types import (
     resolve,
     type_within,
     types_of,
+)
+from loom.constrain.xgrammar_quirks import (
+    XGRAMMAR_UNSOUND_FORMATS,
+    find_literal_escape,
+    has_optional_group_with_unbounded_repeat,
 )
 
 Schema = dict[str, Any]
@@ -69,25 +80,34 @@ class Problem(NamedTuple):
     why: str  # what makes it unenforceable, e.g. "beside other keywords"
 
 
-def find_unsupported(schema: Any) -> list[tuple[str, str]]:
-    """(keyword, JSON pointer) of every construct xgrammar cannot enforce, in the parts of
-    `schema` reachable from its root (unused $defs do not count)."""
-    return [(p.keyword, p.path) for p in find_problems(schema)]
+def find_unsupported(schema: Any, backend: str = "xgrammar") -> list[tuple[str, str]]:
+    """(keyword, JSON pointer) of every construct the backend cannot enforce, in the parts
+    of `schema` reachable from its root (unused $defs do not count)."""
+    return [(p.keyword, p.path) for p in find_problems(schema, backend)]
 
 
-def find_problems(schema: Any) -> list[Problem]:
-    """find_unsupported, with the reason for each keyword."""
+def find_problems(schema: Any, backend: str = "xgrammar") -> list[Problem]:
+    """find_unsupported, with the reason for each keyword (of the schema as the backend
+    compiles it: schema_normalize's rewrite)."""
     if not isinstance(schema, dict):
         return []
+    schema = normalize(schema, expand=backend != "xgrammar")
+    rules = _problems if backend == "xgrammar" else _llguidance_problems
     found: list[Problem] = []
     for path, sub, under_id in _walk(schema, "", schema, set(), nested_id=False):
-        found += [Problem(kw, path, why) for kw, why in _problems(sub, path, schema, under_id)]
+        for kw, why in rules(sub, path, schema, under_id):
+            pattern = sub.get("pattern")
+            fmt = format_of(pattern) if kw == "pattern" and isinstance(pattern, str) else None
+            if fmt:  # a format's exact pattern (formats.py): the schema said `format`
+                kw, why = "format", f"'{fmt}', as its exact pattern: {why}"
+            found.append(Problem(kw, path, why))
     return found
 
 
-def check_schema(schema_text: str, lenient: bool) -> Schema | bool:
-    """Parse and check a JSON schema; raises GrammarError naming the problem. Unsupported
-    keywords are an error unless `lenient` (the output is then validated afterwards)."""
+def check_schema(schema_text: str, lenient: bool, backend: str = "xgrammar") -> Schema | bool:
+    """Parse and check a JSON schema; raises GrammarError naming the problem. Keywords the
+    backend cannot enforce are an error unless `lenient` (the output is then validated
+    afterwards)."""
     try:
         schema = json.loads(schema_text)
     except json.JSONDecodeError as e:
@@ -100,7 +120,7 @@ def check_schema(schema_text: str, lenient: bool) -> Schema | bool:
     except jsonschema.SchemaError as e:
         where = _pointer(e.path)
         raise GrammarError(f"json_schema is not a valid JSON Schema at {where}: {e.message}") from e
-    problems = [] if lenient else find_problems(schema)
+    problems = [] if lenient else find_problems(schema, backend)
     if problems:
         kw, path, why = problems[0]
         why = f" ({why})" if why else ""
@@ -125,25 +145,6 @@ def validate_output(schema: Schema | bool, text: str) -> str | None:
     if error is None:
         return None
     return f"output violates the schema at {_pointer(error.absolute_path)}: {error.message}"
-
-
-# Letter escapes xgrammar's regex converter knows; it reads any other (\A, \Z, \z, ...)
-# as the plain letter, so "^a\Z" would silently mean "aZ".
-_KNOWN_ESCAPES = frozenset("dDwWsStnrfv0aexuckpPbB")
-
-
-def find_literal_escape(regex: str) -> str | None:
-    """The first letter escape in `regex` that xgrammar would read as a plain letter."""
-    i = 0
-    while i < len(regex) - 1:
-        if regex[i] == "\\":
-            nxt = regex[i + 1]
-            if nxt.isascii() and nxt.isalpha() and nxt not in _KNOWN_ESCAPES:
-                return "\\" + nxt
-            i += 2
-        else:
-            i += 1
-    return None
 
 
 def _walk(
@@ -188,6 +189,10 @@ def _problems(sub: Schema, path: str, root: Schema, under_id: bool) -> list[tupl
     escape = find_literal_escape(pattern) if isinstance(pattern, str) else None
     if escape:
         bad.append(("pattern", f"escape {escape} would match a plain letter"))
+    if isinstance(pattern, str) and has_optional_group_with_unbounded_repeat(pattern):
+        # xgrammar 0.2.9 compiles a schema pattern's (xy+)? as if it were x?y*
+        bad.append(("pattern", "an optional group holding + or *, as in (xy+)?"))
+    bad += _format_problems(sub, unsound=XGRAMMAR_UNSOUND_FORMATS)
     if "pattern" in sub or "format" in sub:
         bad += [(kw, "with pattern or format") for kw in ("minLength", "maxLength") if kw in sub]
     bad += _applicator_problems(sub, root)
@@ -196,6 +201,64 @@ def _problems(sub: Schema, path: str, root: Schema, under_id: bool) -> list[tupl
     bad += _literal_problems(sub, path, root)
     seen: set[str] = set()
     return [(kw, why) for kw, why in bad if not (kw in seen or seen.add(kw))]
+
+
+def _format_problems(sub: Schema, unsound: frozenset[str] | tuple) -> list[tuple[str, str]]:
+    fmt = sub.get("format")
+    if not isinstance(fmt, str):
+        return []
+    if fmt in unsound:
+        return [("format", f"'{fmt}' (its grammar admits strings the format forbids)")]
+    if "pattern" in sub:
+        return [("format", "beside 'pattern' (only one of them would be enforced)")]
+    return []
+
+
+# llguidance refuses what it does not implement (with an error naming the keys); these
+# are the constructs it compiles but does not enforce exactly, found by the same tests.
+
+_NEGATED_CLASS = ("\\D", "\\W", "\\S")
+
+
+def _llguidance_problems(
+    sub: Schema, path: str, root: Schema, under_id: bool
+) -> list[tuple[str, str]]:
+    bad = []
+    bad += _format_problems(sub, unsound=())  # llguidance refuses formats it lacks
+    pattern = sub.get("pattern")
+    if isinstance(pattern, str) and any(c in pattern for c in _NEGATED_CLASS):
+        # Its \d \w \s are ASCII, Python's (jsonschema's) are Unicode: the negations
+        # would admit characters the schema's validator rejects.
+        bad.append(("pattern", "negated class \\D, \\W or \\S (ASCII vs Unicode)"))
+    required = sub.get("required") if isinstance(sub.get("required"), list) else []
+    extra_open = sub.get("additionalProperties", True) is not False
+    min_props = sub.get("minProperties")
+    if extra_open and isinstance(min_props, (int, float)) and min_props > len(set(required)):
+        bad.append(("minProperties", "above the required count while extra keys are allowed"))
+    bad += _ref_problems(sub, under_id, siblings_ignored=False)  # llguidance intersects them
+    literals = {kw: sub[kw] for kw in ("const", "enum", "required") if kw in sub}
+    if isinstance(sub.get("properties"), dict):
+        literals["properties"] = list(sub["properties"])  # the names only
+    for kw, value in literals.items():
+        if _needs_unicode_escape(value):
+            # loom's llguidance grammars allow no \u escapes (llguidance_backend says why)
+            bad.append((kw, "with a control character only a \\u escape can spell"))
+    return bad
+
+
+_SHORT_ESCAPED = frozenset("\b\f\n\r\t")
+
+
+def _needs_unicode_escape(value: Any) -> bool:
+    """Whether a literal holds a string (or key) with a control character that JSON can
+    only write as \\u00XX."""
+    if isinstance(value, str):
+        return any(c < " " and c not in _SHORT_ESCAPED for c in value)
+    if isinstance(value, dict):
+        return any(_needs_unicode_escape(k) or _needs_unicode_escape(v) for k, v in value.items())
+    if isinstance(value, list):
+        return any(_needs_unicode_escape(v) for v in value)
+    return False
 
 
 def _siblings(sub: Schema, keyword: str) -> set[str]:
@@ -233,7 +296,10 @@ def _siblings_implied(sub: Schema, kw: str, root: Schema) -> bool:
     )
 
 
-def _ref_problems(sub: Schema, under_id: bool) -> list[tuple[str, str]]:
+def _ref_problems(
+    sub: Schema, under_id: bool, siblings_ignored: bool = True
+) -> list[tuple[str, str]]:
+    """siblings_ignored: the backend uses a $ref alone, dropping keywords beside it."""
     ref = sub.get("$ref")
     if ref is None:
         return []
@@ -241,7 +307,7 @@ def _ref_problems(sub: Schema, under_id: bool) -> list[tuple[str, str]]:
         return [("$ref", "not a local '#/...' pointer")]
     if under_id:
         return [("$ref", "under a nested $id")]
-    if _siblings(sub, "$ref"):
+    if siblings_ignored and _siblings(sub, "$ref"):
         return [("$ref", "beside other keywords")]
     return []
 
@@ -275,8 +341,8 @@ def _literal_problems(sub: Schema, path: str, root: Schema) -> list[tuple[str, s
         try:
             if all(validator.is_valid(value) for value in values):
                 continue
-        except referencing.exceptions.Unresolvable:  # no proof, so not exact
-            pass
+        except (referencing.exceptions.Unresolvable, AttributeError, TypeError):
+            pass  # no proof, so not exact (a draft-4 `id` property confuses the resolver)
         return [(kw, "beside keywords some of its values break")]
     return []
 

@@ -23,17 +23,19 @@ JSON-schema compile choices (xgrammar 0.2.8):
 
 from __future__ import annotations
 
+import json
 import re
-import threading
-from collections import OrderedDict
-from concurrent.futures import Future, InvalidStateError, ThreadPoolExecutor
+from concurrent.futures import Future
 from typing import Any
 
 import torch
 import xgrammar as xgr
 
-from loom.constrain.base import GrammarBackend, GrammarError, GrammarMatcher
-from loom.constrain.schema_check import check_schema, find_literal_escape
+from loom.constrain.base import GrammarBackend, GrammarError, GrammarMatcher, default_mask_threads
+from loom.constrain.compile_cache import CompileCache, then
+from loom.constrain.schema_check import check_schema
+from loom.constrain.schema_normalize import normalize
+from loom.constrain.xgrammar_quirks import find_literal_escape
 
 KINDS = ("json_schema", "regex", "ebnf", "json_object")
 DEFAULT_MAX_WHITESPACE = 20
@@ -70,12 +72,10 @@ class XGrammarMatcher(GrammarMatcher):
 
 
 class XGrammarBackend(GrammarBackend):
-    """Compiles constraints in a thread pool, caches them (LRU by (kind, text)), and masks.
+    """Compiles constraints in a thread pool, caches them (CompileCache), and masks."""
 
-    Invariants: one compile per key at a time (concurrent requests share its future);
-    a caller's future fails with GrammarError after `compile_timeout` seconds even while
-    the worker thread is still compiling, and that key then fails fast until evicted.
-    """
+    name = "xgrammar"
+    matcher_type = XGrammarMatcher
 
     def __init__(
         self,
@@ -87,6 +87,7 @@ class XGrammarBackend(GrammarBackend):
         max_whitespace: int = DEFAULT_MAX_WHITESPACE,
         cache_size: int = 256,
         stop_token_ids: list[int] | None = None,
+        mask_threads: int | None = None,
     ):
         # vocab_size is the model's logits width: ids past len(tokenizer) are padding
         # and xgrammar never allows them.
@@ -99,13 +100,17 @@ class XGrammarBackend(GrammarBackend):
         self._compiler = xgr.GrammarCompiler(
             self._info, max_threads=num_threads, cache_enabled=False
         )
-        self._pool = ThreadPoolExecutor(num_threads, thread_name_prefix="loom-grammar")
-        self._timeout = compile_timeout
         self._max_whitespace = max_whitespace
-        self._cache_size = cache_size
-        self._cache: OrderedDict[tuple[str, str], Future[xgr.CompiledGrammar]] = OrderedDict()
-        self._lock = threading.Lock()
-        self._timers: set[threading.Timer] = set()
+        self._cache = CompileCache(
+            lambda kind, text: self._compile(kind, text),
+            _describe,
+            num_threads=num_threads,
+            timeout=compile_timeout,
+            size=cache_size,
+            thread_name="loom-xgrammar",
+        )
+        # Fills a step's masks on its own threads, without the GIL.
+        self._batch = xgr.BatchGrammarMatcher(mask_threads or default_mask_threads())
 
     # -- validation -------------------------------------------------------------------
 
@@ -114,37 +119,17 @@ class XGrammarBackend(GrammarBackend):
 
     # -- compilation ------------------------------------------------------------------
 
-    def get_matcher(self, kind: str, text: str) -> Future[GrammarMatcher]:
-        compiled = self.get_compiled(kind, text)
-        result: Future[GrammarMatcher] = Future()
-        compiled.add_done_callback(lambda done: self._make_matcher(done, result))
-        return result
+    def get_matcher(self, kind: str, text: str, lenient: bool = False) -> Future[GrammarMatcher]:
+        # xgrammar drops what it cannot enforce by itself: lenient compiles the same.
+        return then(
+            self.get_compiled(kind, text),
+            lambda compiled: XGrammarMatcher(compiled, self._stop_token_ids),
+            lambda e: f"cannot start a matcher: {xgrammar_reason(e)}",
+        )
 
     def get_compiled(self, kind: str, text: str) -> Future[xgr.CompiledGrammar]:
         """The shared compile future of (kind, text); a cache hit returns the same one."""
-        key = (kind, text)
-        with self._lock:
-            future = self._cache.get(key)
-            if future is not None:
-                self._cache.move_to_end(key)
-                return future
-            future = Future()
-            self._cache[key] = future
-            while len(self._cache) > self._cache_size:
-                self._cache.popitem(last=False)
-        self._start_timer(future)
-        self._pool.submit(self._compile_into, future, kind, text)
-        return future
-
-    def _compile_into(self, future: Future, kind: str, text: str) -> None:
-        try:
-            compiled = self._compile(kind, text)
-        except GrammarError as e:
-            _settle(future, error=e)
-        except Exception as e:  # xgrammar raises RuntimeError / ValueError subclasses
-            _settle(future, error=GrammarError(_describe(kind, text, e)))
-        else:
-            _settle(future, result=compiled)
+        return self._cache.get(kind, text)
 
     def _compile(self, kind: str, text: str) -> xgr.CompiledGrammar:
         if kind == "json_schema" or kind == "json_object":
@@ -157,61 +142,16 @@ class XGrammarBackend(GrammarBackend):
             return self._compiler.compile_grammar(text)
         raise GrammarError(f"unknown constraint kind {kind!r}; expected one of {KINDS}")
 
-    def _start_timer(self, future: Future) -> None:
-        message = f"grammar compile took longer than {self._timeout:g}s"
-        timer = threading.Timer(self._timeout, _settle, (future,), {"error": GrammarError(message)})
-        timer.daemon = True
-        with self._lock:
-            self._timers.add(timer)
-
-        def forget(_: Future) -> None:
-            timer.cancel()
-            with self._lock:
-                self._timers.discard(timer)
-
-        future.add_done_callback(forget)
-        timer.start()
-
-    def _make_matcher(self, compiled: Future, result: Future) -> None:
-        error = compiled.exception()
-        if error is not None:
-            _settle(result, error=error)
-            return
-        try:
-            matcher = XGrammarMatcher(compiled.result(), self._stop_token_ids)
-        except Exception as e:  # a matcher that cannot be built fails this request alone
-            _settle(result, error=GrammarError(f"cannot start a matcher: {xgrammar_reason(e)}"))
-        else:
-            _settle(result, result=matcher)
-
     # -- masks ------------------------------------------------------------------------
 
-    def allocate_bitmask(self, batch_size: int) -> torch.Tensor:
-        # Pageable on purpose: the buffer is refilled every step, and a pinned buffer
-        # copied asynchronously could be overwritten while the copy is in flight.
-        return xgr.allocate_token_bitmask(batch_size, self.vocab_size)
-
-    def apply_bitmask(
-        self, logits: torch.Tensor, bitmask: torch.Tensor, rows: list[int] | None = None
+    def fill_bitmasks(
+        self, matchers: list[GrammarMatcher], rows: list[int], bitmask: torch.Tensor
     ) -> None:
-        if rows is not None and not rows:
-            return
-        if bitmask.device != logits.device:
-            bitmask = bitmask.to(logits.device, non_blocking=True)
-        width = min(logits.shape[-1], self.vocab_size, bitmask.shape[-1] * 32)
-        xgr.apply_token_bitmask_inplace(logits, bitmask, vocab_size=width, indices=rows)
-        if logits.shape[-1] > width:  # ids the grammar knows nothing of are never allowed
-            if rows is None:
-                logits[:, width:] = float("-inf")
-            else:
-                logits[torch.tensor(rows, device=logits.device), width:] = float("-inf")
+        inner = [m._matcher for m in matchers]  # type: ignore[attr-defined]
+        self._batch.batch_fill_next_token_bitmask(inner, bitmask, rows)
 
     def shutdown(self) -> None:
-        with self._lock:
-            timers, self._timers = list(self._timers), set()
-        for timer in timers:
-            timer.cancel()
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        self._cache.shutdown()
 
 
 def validate_constraint(
@@ -278,7 +218,7 @@ def _describe(kind: str, text: str, error: BaseException) -> str:
 
 def json_schema_grammar(schema_text: str, max_whitespace: int) -> xgr.Grammar:
     grammar = xgr.Grammar.from_json_schema(
-        schema_text,
+        json.dumps(normalize(json.loads(schema_text), expand=False)),
         any_whitespace=True,
         strict_mode=True,
         max_whitespace_cnt=max_whitespace,
@@ -309,15 +249,3 @@ def xgrammar_reason(error: BaseException) -> str:
     lines = [line for line in str(error).strip().splitlines() if line.strip()]
     reason = lines[-1] if lines else type(error).__name__
     return _LOG_PREFIX.sub("", reason).strip()
-
-
-def _settle(future: Future, *, result: Any = None, error: BaseException | None = None) -> None:
-    """Complete `future` unless it already is (the compile and its timer race; a caller
-    may have cancelled it)."""
-    try:
-        if error is not None:
-            future.set_exception(error)
-        else:
-            future.set_result(result)
-    except InvalidStateError:  # the other side got there first
-        pass

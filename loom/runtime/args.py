@@ -66,7 +66,12 @@ class ServerArgs:
     disable_overlap_schedule: bool = _arg(False, "prepare batch N+1 only after batch N")
 
     # Constrained decoding
-    grammar_backend: str = _arg("xgrammar", "grammar engine", ("xgrammar", "none"))
+    grammar_backend: str = _arg(
+        "auto",
+        "grammar engine (auto: per constraint, the first of xgrammar / llguidance that "
+        "enforces it exactly)",
+        ("auto", "llguidance", "xgrammar", "none"),
+    )
     enable_jump_forward: bool = _arg(
         False, "run grammar-forced text as a verified draft (exact; steps wait for the host)"
     )

@@ -298,8 +298,7 @@ async def _first(agen):
 
 
 def _grammar_check(args: ServerArgs):
-    if args.grammar_backend == "none":
-        return None
-    from loom.constrain.xgrammar_backend import validate_constraint
+    """The configured grammar backend's up-front check, run before a request is queued."""
+    from loom.constrain.factory import constraint_validator
 
-    return validate_constraint
+    return constraint_validator(args.grammar_backend)

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
+from loom.constrain.bitmask import MaskRing
 from loom.runtime.executor.host_copy import HostCopy, take_rows, to_device
 from loom.runtime.executor.sampler import apply_penalties, sample
 from loom.runtime.scheduler import batch as batching
@@ -52,6 +53,7 @@ class StepSampler:
         self.eos_ids = eos_ids
         self.device = device
         self.last_tokens = torch.zeros(num_rows, dtype=torch.int64, device=device)
+        self.masks = MaskRing(vocab_size, torch.device(device))
 
     def forwarded(self, reqs: list[Req], logits: torch.Tensor) -> ForwardedStep:
         """Count the step's token in req.pending as soon as its forward is queued: later
@@ -88,9 +90,10 @@ class StepSampler:
         return SampledStep(reqs, HostCopy(next_ids), logprobs)
 
     def _apply_grammar_masks(self, reqs: list[Req], rows: list[int], logits: torch.Tensor):
+        """Fill the constrained rows' masks (in parallel, off the GIL, while the forward
+        runs), upload them without waiting for the device, apply them on it."""
         if not rows:
             return
-        bitmask = self.grammar.allocate_bitmask(len(reqs))
-        for i in rows:
-            reqs[i].grammar.fill_bitmask(bitmask, i)
-        self.grammar.apply_bitmask(logits, bitmask, rows)
+        bitmask, slot = self.masks.take(len(reqs))
+        self.grammar.fill_bitmasks([reqs[i].grammar for i in rows], rows, bitmask)
+        self.grammar.apply_bitmask(logits, self.masks.upload(bitmask, slot), rows)

@@ -114,7 +114,7 @@ class Scheduler:
         if constraint is None:
             self.waiting.append(req)
             return
-        future = self.grammar.get_matcher(*constraint)
+        future = self.grammar.get_matcher(*constraint, msg.sampling.json_schema_lenient)
         self.grammar_queue.append(
             (req, future, time.monotonic() + self.args.grammar_compile_timeout)
         )
