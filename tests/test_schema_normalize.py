@@ -91,6 +91,7 @@ DRAFT7_DEPENDENT = {
 ONE_OF_KEYS = {"oneOf": [{"required": ["x"]}, {"required": ["y", "z"]}, {"required": ["y"]}]}
 FOLDED = {"enum": [1, 2, "a", None, {"k": 1}], "not": {"type": "string"}, "minimum": 2}
 CUSTOM_FORMAT = {"type": "string", "format": "int32", "maxLength": 3}
+KEY_OR_UUID = {"oneOf": [{"format": "uuid"}, {"pattern": "^\\$[A-Z0-9_-]+"}]}  # Snowplow
 SWITCH = {  # JSONSchemaBench's JME_37, with the property names of the strategy below
     "type": "object",
     "properties": {"a": {"type": "boolean"}, "b": {"type": "string"}},
@@ -108,7 +109,10 @@ SWITCH_REQUIRED = {
 }
 
 small_json = st.recursive(
-    st.none() | st.booleans() | st.integers(-3, 3) | st.sampled_from(["a", "b", "x", "y", ""]),
+    st.none()
+    | st.booleans()
+    | st.integers(-3, 3)
+    | st.sampled_from(["a", "b", "x", "y", "", "$AB", "$", "123e4567-e89b-12d3-a456-426614174000"]),
     lambda inner: (
         st.lists(inner, max_size=3)
         | st.dictionaries(st.sampled_from(["a", "b", "c", "x", "y", "z", "k"]), inner, max_size=4)
@@ -119,7 +123,16 @@ small_json = st.recursive(
 
 @pytest.mark.parametrize(
     "schema",
-    [DEPENDENT, DRAFT7_DEPENDENT, ONE_OF_KEYS, FOLDED, CUSTOM_FORMAT, SWITCH, SWITCH_REQUIRED],
+    [
+        DEPENDENT,
+        DRAFT7_DEPENDENT,
+        ONE_OF_KEYS,
+        FOLDED,
+        CUSTOM_FORMAT,
+        SWITCH,
+        SWITCH_REQUIRED,
+        KEY_OR_UUID,
+    ],
 )
 @settings(max_examples=300, deadline=None)
 @given(instance=small_json)
@@ -140,5 +153,8 @@ def test_what_the_rewrites_produce():
         )
     assert "if" not in normalize(SWITCH) and "anyOf" in normalize(SWITCH)
     assert "if" in normalize(SWITCH, expand=False)
+    assert normalize(KEY_OR_UUID)["anyOf"][0] == {"type": "string", "format": "uuid"}
+    overlapping = {"oneOf": [{"format": "uuid"}, {"pattern": "^[0-9]"}]}
+    assert "oneOf" in normalize(overlapping)
     disjoint = {"oneOf": [{"type": "string"}, {"type": "integer"}]}
     assert normalize(disjoint) == {"anyOf": disjoint["oneOf"]}

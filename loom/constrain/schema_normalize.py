@@ -8,7 +8,9 @@ the judge), so the honesty checks and the grammar backends see the rewritten sch
 - a schema object whose values are listed (`enum` / `const`, itself or in an `allOf`
   branch) admits only those of the listed values that pass the whole object: it becomes
   the `enum` of exactly those, whatever else it says (`not`, `if`, `patternProperties`...);
-- `oneOf` whose branches no value can match twice is `anyOf`; `oneOf` whose branches
+- `oneOf` whose branches no value can match twice is `anyOf` (branches that only
+  constrain strings are told apart by the first characters they allow, each then
+  required to be a string: any other value matches every branch); `oneOf` whose branches
   only list required keys is the `anyOf` of "this branch's keys, and for every other
   branch one of its keys absent" (objects only: any other value matches every branch);
 - `dependencies` / `dependentRequired` / `dependentSchemas` become, for each key, "the key
@@ -23,6 +25,9 @@ the judge), so the honesty checks and the grammar backends see the rewritten sch
 from __future__ import annotations
 
 import copy
+import re
+from re import _constants as re_constants  # type: ignore[attr-defined]
+from re import _parser as re_parser  # type: ignore[attr-defined]
 from typing import Any
 from urllib.parse import quote
 
@@ -144,6 +149,9 @@ def _disjoint_one_of(node: Schema, root: Schema) -> None:
     if isinstance(branches, list) and "anyOf" not in node and _refs_local(branches):
         if pairwise_disjoint(branches, root):
             node["anyOf"] = node.pop("oneOf")
+        elif len(branches) > 1 and _disjoint_strings(branches):
+            node.pop("oneOf")
+            node["anyOf"] = [{"type": "string", **branch} for branch in branches]
     for _, container, key in _children(node, ""):
         _disjoint_one_of(container[key], root)
 
@@ -268,3 +276,74 @@ def _json_eq(a: Any, b: Any) -> bool:
     if _numbers(a, b):
         return a == b
     return type(a) is type(b) and a == b
+
+
+_STRING_KEYWORDS = frozenset({"format", "pattern", "minLength", "maxLength"})
+_FIRST_OF_FORMAT = {  # the characters a string of the format can start with
+    "uuid": frozenset("0123456789abcdefABCDEF"),
+    "date": frozenset("0123456789"),
+    "date-time": frozenset("0123456789"),
+    "time": frozenset("0123456789"),
+    "ipv4": frozenset("0123456789"),
+}
+
+
+def _disjoint_strings(branches: list) -> bool:
+    """Whether every branch constrains only strings (no `type`) and no string can start
+    with a character two branches allow."""
+    firsts = []
+    for branch in branches:
+        if not isinstance(branch, dict) or not set(branch) - _ANNOTATIONS:
+            return False
+        if set(branch) - _ANNOTATIONS - _STRING_KEYWORDS:
+            return False
+        first = _first_chars(branch)
+        if first is None:
+            return False
+        firsts.append(first)
+    return all(not (a & b) for i, a in enumerate(firsts) for b in firsts[i + 1 :])
+
+
+def _first_chars(branch: Schema) -> frozenset[str] | None:
+    """The characters a string the branch admits must start with (it admits no empty
+    string), or None when that is not read off its pattern or format."""
+    found = []
+    fmt = branch.get("format")
+    if isinstance(fmt, str):
+        if fmt not in _FIRST_OF_FORMAT:
+            return None
+        found.append(_FIRST_OF_FORMAT[fmt])
+    if isinstance(branch.get("pattern"), str):
+        first = _pattern_first_chars(branch["pattern"])
+        if first is None:
+            return None
+        found.append(first)
+    if not found:
+        return None
+    return frozenset.intersection(*found)
+
+
+def _pattern_first_chars(pattern: str) -> frozenset[str] | None:
+    """An anchored pattern's mandatory first character class, e.g. ^\\$ or ^[a-f]."""
+    try:
+        items = list(re_parser.parse(pattern))
+    except re.error:
+        return None
+    if len(items) < 2 or items[0] != (re_constants.AT, re_constants.AT_BEGINNING):
+        return None
+    op, arg = items[1]
+    if op == re_constants.MAX_REPEAT and arg[0] >= 1 and len(arg[2]) == 1:
+        op, arg = arg[2][0]  # x{n,m} with n >= 1 starts with x
+    if op == re_constants.LITERAL:
+        return frozenset(chr(arg))
+    if op != re_constants.IN:
+        return None
+    chars: set[str] = set()
+    for kind, value in arg:
+        if kind == re_constants.LITERAL:
+            chars.add(chr(value))
+        elif kind == re_constants.RANGE and value[1] - value[0] < 512:
+            chars.update(chr(c) for c in range(value[0], value[1] + 1))
+        else:  # negated or Unicode classes: not read here
+            return None
+    return frozenset(chars)
