@@ -9,9 +9,6 @@ enforced, not approximated. Both backends compile them through their regex suppo
 
 from __future__ import annotations
 
-import copy
-from typing import Any
-
 _YEAR = "([0-9]{3}[1-9]|[0-9]{2}[1-9][0-9]|[0-9][1-9][0-9]{2}|[1-9][0-9]{3})"  # 0001-9999
 _LEAP_YEAR = "([0-9]{2}(0[48]|[2468][048]|[13579][26])|(0[48]|[2468][048]|[13579][26])00)"
 _MONTH_DAY = (
@@ -26,44 +23,13 @@ TIME = (
 PATTERNS = {"date": DATE, "date-time": f"{DATE}[Tt]{TIME}", "time": TIME}
 
 
-def exact_formats(schema: Any) -> Any:
-    """`schema` with each calendar `format` that has no `pattern` beside it replaced by
-    its exact pattern (anchored). A copy is made only when something changes."""
-    if not _has_calendar_format(schema):
-        return schema
-    schema = copy.deepcopy(schema)
-    _rewrite(schema)
-    return schema
-
-
-_LITERALS = ("const", "enum", "default", "examples")  # values, not schemas
-
-
-def _rewritable(node: dict) -> bool:
+def exact_pattern(node: dict) -> str | None:
+    """The anchored exact pattern of a schema object's calendar format, when it has one
+    and no `pattern` of its own beside it."""
     fmt = node.get("format")
-    return isinstance(fmt, str) and fmt in PATTERNS and "pattern" not in node
-
-
-def _has_calendar_format(node: Any) -> bool:
-    if isinstance(node, dict):
-        if _rewritable(node):
-            return True
-        return any(_has_calendar_format(v) for k, v in node.items() if k not in _LITERALS)
-    if isinstance(node, list):
-        return any(_has_calendar_format(v) for v in node)
-    return False
-
-
-def _rewrite(node: Any) -> None:
-    if isinstance(node, dict):
-        if _rewritable(node):
-            node["pattern"] = f"^{PATTERNS[node.pop('format')]}$"
-        for key, value in node.items():
-            if key not in _LITERALS:
-                _rewrite(value)
-    elif isinstance(node, list):
-        for value in node:
-            _rewrite(value)
+    if not isinstance(fmt, str) or fmt not in PATTERNS or "pattern" in node:
+        return None
+    return f"^{PATTERNS[fmt]}$"
 
 
 _FORMAT_OF = {f"^{pattern}$": fmt for fmt, pattern in PATTERNS.items()}

@@ -53,7 +53,9 @@ from loom.constrain.schema_types import (
     NEEDS_TYPE,
     is_local_pointer,
     pairwise_disjoint,
+    pointer_token,
     resolve,
+    subschemas,
     type_within,
     types_of,
 )
@@ -66,11 +68,6 @@ from loom.constrain.xgrammar_quirks import (
 Schema = dict[str, Any]
 
 
-_SCHEMA_VALUED = ("items", "additionalProperties", "contains", "propertyNames", "not",
-                  "if", "then", "else", "unevaluatedItems", "unevaluatedProperties",
-                  "additionalItems")  # fmt: skip
-_SCHEMA_LISTS = ("allOf", "anyOf", "oneOf", "prefixItems")
-_SCHEMA_MAPS = ("properties", "patternProperties", "dependentSchemas")
 _ROOT_URI = "urn:loom:schema"  # where the schema under check is registered for $refs
 
 
@@ -156,26 +153,13 @@ def _walk(
     seen.add(path)
     nested_id = nested_id or (path != "" and "$id" in sub)
     yield path, sub, nested_id
-    for child_path, child in _children(sub, path):
-        yield from _walk(child, child_path, root, seen, nested_id)
+    for child_path, container, key in subschemas(sub, path):
+        yield from _walk(container[key], child_path, root, seen, nested_id)
     ref = sub.get("$ref")
     if isinstance(ref, str) and is_local_pointer(ref):
         target = resolve(root, ref)
         if target is not None:
             yield from _walk(target, ref[1:], root, seen, nested_id)
-
-
-def _children(sub: Schema, path: str) -> Iterator[tuple[str, Any]]:
-    """(pointer, subschema) of the schemas directly inside `sub` (not $ref targets)."""
-    for key in _SCHEMA_VALUED:
-        if key in sub:
-            yield f"{path}/{key}", sub[key]
-    for key in _SCHEMA_LISTS:
-        if isinstance(sub.get(key), list):
-            yield from ((f"{path}/{key}/{i}", c) for i, c in enumerate(sub[key]))
-    for key in _SCHEMA_MAPS:
-        if isinstance(sub.get(key), dict):
-            yield from ((f"{path}/{key}/{_escape(n)}", c) for n, c in sub[key].items())
 
 
 def _problems(sub: Schema, path: str, root: Schema, under_id: bool) -> list[tuple[str, str]]:
@@ -355,10 +339,6 @@ def _validator_at(root: Schema, path: str) -> jsonschema.protocols.Validator:
     return cls({"$ref": _ROOT_URI + "#" + quote(path, safe="/~$")}, registry=registry)
 
 
-def _escape(name: str) -> str:
-    return name.replace("~", "~0").replace("/", "~1")
-
-
 def _pointer(parts: Any) -> str:
-    path = "".join(f"/{_escape(str(p))}" for p in parts)
+    path = "".join(f"/{pointer_token(str(p))}" for p in parts)
     return path or "the root"

@@ -37,8 +37,14 @@ import referencing.exceptions
 from jsonschema.validators import validator_for
 from referencing.jsonschema import DRAFT202012
 
-from loom.constrain.formats import exact_formats
-from loom.constrain.schema_types import ASSERTIONS, is_local_pointer, pairwise_disjoint
+from loom.constrain.formats import exact_pattern
+from loom.constrain.schema_types import (
+    ASSERTIONS,
+    SCHEMA_MAPS,
+    is_local_pointer,
+    pairwise_disjoint,
+    subschemas,
+)
 
 Schema = dict[str, Any]
 
@@ -48,7 +54,6 @@ SPEC_FORMATS = frozenset({
     "idn-hostname", "ipv4", "ipv6", "uri", "uri-reference", "iri", "iri-reference", "uuid",
     "uri-template", "json-pointer", "relative-json-pointer", "regex",
 })  # fmt: skip
-_LITERALS = ("const", "enum", "default", "examples")  # values, not schemas
 _ROOT_URI = "urn:loom:normalize"
 
 
@@ -59,8 +64,7 @@ def normalize(schema: Any, expand: bool = True) -> Any:
     if not isinstance(schema, dict):
         return schema
     schema = copy.deepcopy(schema)
-    _drop_custom_formats(schema)
-    schema = exact_formats(schema)
+    _formats(schema)
     _fold_literals(schema, schema, "")
     _disjoint_one_of(schema, schema)
     if expand:
@@ -71,32 +75,25 @@ def normalize(schema: Any, expand: bool = True) -> Any:
     return schema
 
 
+# normalize rewrites every subschema, reachable or not, and draft-7 dependencies' too
+_ALL_MAPS = SCHEMA_MAPS + ("dependencies", "$defs", "definitions")
+
+
 def _children(node: Schema, path: str):
-    """(key path, container, key) of the subschemas directly inside a schema object."""
-    for key in ("items", "additionalProperties", "contains", "propertyNames", "not", "if",
-                "then", "else", "unevaluatedItems", "unevaluatedProperties",
-                "additionalItems"):  # fmt: skip
-        if isinstance(node.get(key), dict):
-            yield f"{path}/{key}", node, key
-    for key in ("allOf", "anyOf", "oneOf", "prefixItems"):
-        if isinstance(node.get(key), list):
-            for i, child in enumerate(node[key]):
-                if isinstance(child, dict):
-                    yield f"{path}/{key}/{i}", node[key], i
-    for key in ("properties", "patternProperties", "dependentSchemas", "$defs", "definitions"):
-        if isinstance(node.get(key), dict):
-            for name, child in node[key].items():
-                if isinstance(child, dict):
-                    escaped = name.replace("~", "~0").replace("/", "~1")
-                    yield f"{path}/{key}/{escaped}", node[key], name
+    return subschemas(node, path, _ALL_MAPS)
 
 
-def _drop_custom_formats(node: Schema) -> None:
+def _formats(node: Schema) -> None:
+    """Custom formats dropped; calendar formats replaced by their exact patterns."""
     fmt = node.get("format")
     if isinstance(fmt, str) and fmt not in SPEC_FORMATS:
         del node["format"]
+    pattern = exact_pattern(node)
+    if pattern is not None:
+        del node["format"]
+        node["pattern"] = pattern
     for _, container, key in _children(node, ""):
-        _drop_custom_formats(container[key])
+        _formats(container[key])
 
 
 def _listed_values(node: Schema) -> list | None:

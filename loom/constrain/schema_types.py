@@ -6,6 +6,7 @@ silently get wrong."""
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from typing import Any
 
 Schema = dict[str, Any]
@@ -34,6 +35,40 @@ ASSERTIONS = frozenset(
         "then", "else", "$ref",
     )
 )  # fmt: skip
+
+
+# Where a schema object holds subschemas: one, a list of them, a map of names to them.
+SCHEMA_VALUED = (
+    "items", "additionalProperties", "contains", "propertyNames", "not", "if", "then",
+    "else", "unevaluatedItems", "unevaluatedProperties", "additionalItems",
+)  # fmt: skip
+SCHEMA_LISTS = ("allOf", "anyOf", "oneOf", "prefixItems")
+SCHEMA_MAPS = ("properties", "patternProperties", "dependentSchemas")
+
+
+def subschemas(
+    node: Schema, path: str, maps: tuple[str, ...] = SCHEMA_MAPS
+) -> Iterator[tuple[str, Any, Any]]:
+    """(JSON pointer, container, key) of each schema object directly inside `node` (not
+    $ref targets): container[key] is the subschema, so a caller may also replace it."""
+    for key in SCHEMA_VALUED:
+        if isinstance(node.get(key), dict):
+            yield f"{path}/{key}", node, key
+    for key in SCHEMA_LISTS:
+        if isinstance(node.get(key), list):
+            for i, child in enumerate(node[key]):
+                if isinstance(child, dict):
+                    yield f"{path}/{key}/{i}", node[key], i
+    for key in maps:
+        if isinstance(node.get(key), dict):
+            for name, child in node[key].items():
+                if isinstance(child, dict):
+                    yield f"{path}/{key}/{pointer_token(name)}", node[key], name
+
+
+def pointer_token(name: str) -> str:
+    """A property name as one JSON pointer token."""
+    return name.replace("~", "~0").replace("/", "~1")
 
 
 def pairwise_disjoint(branches: list[Any], root: Schema) -> bool:
