@@ -11,22 +11,37 @@ once, each way:
 - plain: no grammar, each request forced to the length of its JSON output
   (min_new_tokens = max_new_tokens), so the model does the same work unmasked.
 
-`mask us/row` is the host time of filling the masks (backend.fill_bitmasks) over the
-rows filled; it is overlapped with the forward, so json / plain is the figure that counts.
+`mask us/row` is the time of filling the masks (backend.fill_bitmasks, on its own
+threads) over the rows filled; it is overlapped with the forward and with the scheduler's
+bookkeeping, so json / plain is the figure that counts. `apply ms/step` is the time the
+scheduler spends waiting for the fill to end and queuing the masks; `wait ms/step` the
+time it waits for the device to hand it a step's tokens: near zero means the host, not
+the device, sets the pace.
+
+Walks (--walks): with dummy weights the model's tokens are a random walk through the
+grammar, which lingers in states no real model visits (hundreds of tokens inside an
+email's local part, the most expensive mask state of the person schema). `--walks replay`
+forces instead the tokens of real outputs recorded for the person schema
+(benchmarks/data/person_walks.json, Qwen2.5-Coder-0.5B-Instruct), in the json and the plain
+run alike: the device still runs each forward, mask and sampling, and the grammar follows
+what a real model writes.
 
     python benchmarks/bench_json.py --schemas person --concurrency 1 16 64 256 \
-        --grammar-backends xgrammar llguidance --max-new-tokens 160
+        --grammar-backends xgrammar llguidance --max-new-tokens 160 --walks model replay
     python benchmarks/bench_json.py --smoke        (CI: on CPU, two short requests)
 """
 
 from __future__ import annotations
 
 import argparse
+import cProfile
 import functools
 import json
+import pstats
 import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import smoke
 import torch
@@ -35,7 +50,10 @@ from loom.runtime import messages as m
 from loom.runtime.args import ServerArgs
 from loom.runtime.models.model_source import resolve_model_path
 from loom.runtime.sampling_params import SamplingParams
+from loom.runtime.scheduler import sampling
 from loom.runtime.scheduler.scheduler import Scheduler
+
+WALKS = Path(__file__).parent / "data" / "person_walks.json"
 
 _STR = {"type": "string"}
 _INT = {"type": "integer"}
@@ -127,8 +145,9 @@ SMOKE = dict(
     max_new_tokens=8,
     max_total_tokens=2048,
     grammar_backends=["xgrammar", "llguidance"],
-    schemas="cases",
+    schemas="person",
     jump_forward=True,
+    walks=["model", "replay"],
 )
 
 
@@ -139,8 +158,11 @@ class Run:
     steps: int
     tokens: int
     outputs: list[list[int]]
-    mask_seconds: float = 0.0  # host time filling bitmasks, summed over the run
+    mask_seconds: float = 0.0  # time filling bitmasks, summed over the run
     mask_rows: int = 0  # rows filled (a verified draft fills one per row)
+    wait_seconds: float = 0.0  # the scheduler waiting for a step's tokens
+    apply_seconds: float = 0.0  # the scheduler waiting for the masks, then queuing them
+    walk: str = "model"
     drafted: int = 0
     accepted: int = 0
 
@@ -191,13 +213,98 @@ def timed_masks(sched: Scheduler, run: Run) -> None:
     sched.grammar.fill_bitmasks = fill
 
 
-def run_once(sched: Scheduler, name: str, reqs: list[m.GenerateRequest], concurrency: int) -> Run:
+def timed_waits(sched: Scheduler, run: Run):
+    """Time the scheduler's waits for the device (SampledStep.read) and for the masks
+    (StepSampler._apply_grammar_masks: the fill's end, then queuing upload and apply);
+    undo with the result."""
+    read, apply = sampling.SampledStep.read, sched.sampler._apply_grammar_masks
+
+    def timed_read(step):
+        start = time.perf_counter()
+        tokens = read(step)
+        run.wait_seconds += time.perf_counter() - start
+        return tokens
+
+    def timed_apply(*args):
+        start = time.perf_counter()
+        apply(*args)
+        run.apply_seconds += time.perf_counter() - start
+
+    sampling.SampledStep.read = timed_read
+    sched.sampler._apply_grammar_masks = timed_apply
+
+    def undo():
+        sampling.SampledStep.read = read
+        del sched.sampler._apply_grammar_masks
+
+    return undo
+
+
+class Replay:
+    """Forces each request's sampled tokens to a recorded walk (its rid's token ids,
+    ending with a stop token), after the step's real sampling has run on the device."""
+
+    def __init__(self, sched: Scheduler, walks: dict[str, list[int]]):
+        self.sched, self.walks = sched, walks
+
+    def __enter__(self):
+        sampler, walks, device = self.sched.sampler, self.walks, self.sched.device
+        inner_step, inner_sample = sampler.sample, sampling.sample
+        stop = min(self.sched.eos_ids)
+        current: list = []
+
+        def forced(logits, sb):
+            inner_sample(logits, sb)
+            ids = []
+            for req in current:
+                walk, at = walks.get(req.rid, []), len(req.output_ids) + req.pending - 1
+                ids.append(walk[at] if at < len(walk) else stop)
+            return torch.tensor(ids, dtype=torch.int64).to(device, non_blocking=True)
+
+        def sample_step(step):
+            current[:] = step.reqs
+            return inner_step(step)
+
+        sampler.sample, sampling.sample = sample_step, forced
+        self._undo = lambda: (delattr(sampler, "sample"), setattr(sampling, "sample", inner_sample))
+        return self
+
+    def __exit__(self, *exc):
+        self._undo()
+
+
+def replay_walks(tokenizer, backend, n: int, stop: int) -> list[list[int]]:
+    """The recorded person outputs as token ids of this tokenizer (each ends with a stop
+    token), those the backend's grammar accepts whole; request i replays walk i % len."""
+    texts = json.loads(WALKS.read_text())["texts"]
+    walks = []
+    for text in texts:
+        ids = tokenizer(text, add_special_tokens=False).input_ids + [stop]
+        matcher = backend.get_matcher("json_schema", json.dumps(PERSON[1])).result()
+        if all(matcher.accept_token(t) for t in ids):
+            walks.append(ids)
+    if not walks:
+        raise SystemExit("the grammar accepts none of the recorded walks")
+    return [walks[i % len(walks)] for i in range(n)]
+
+
+def run_once(
+    sched: Scheduler,
+    name: str,
+    reqs: list[m.GenerateRequest],
+    concurrency: int,
+    walks: list[list[int]] | None = None,
+) -> Run:
     for req in reqs:  # compile grammars (cached) before the clock starts
         if req.sampling.constraint:
             sched.grammar.get_matcher(*req.sampling.constraint).result()
     before = sched.server_info()
     run = Run(name, 0.0, 0, 0, [])
     timed_masks(sched, run)
+    untime_waits = timed_waits(sched, run)
+    replay = Replay(sched, {r.rid: w for r, w in zip(reqs, walks)}) if walks else None
+    if replay is not None:
+        replay.__enter__()
     outs: dict[str, list[int]] = {r.rid: [] for r in reqs}
     start = time.perf_counter()
     for first in range(0, len(reqs), concurrency):
@@ -211,6 +318,9 @@ def run_once(sched: Scheduler, name: str, reqs: list[m.GenerateRequest], concurr
         torch.cuda.synchronize()
     run.seconds = time.perf_counter() - start
     del sched.grammar.fill_bitmasks
+    untime_waits()
+    if replay is not None:
+        replay.__exit__()
     after = sched.server_info()
     run.steps = after.forward_steps_total - before.forward_steps_total
     run.tokens = after.generation_tokens_total - before.generation_tokens_total
@@ -233,8 +343,29 @@ def main() -> None:
     p.add_argument("--load-format", default="auto", help="dummy: random weights (GPU runs)")
     p.add_argument("--tokenizer-path", default=None)
     p.add_argument("--max-total-tokens", type=int, default=65536, help="KV pool of each run")
+    p.add_argument(
+        "--walks",
+        nargs="+",
+        choices=("model", "replay"),
+        default=["model"],
+        help="model: the model's own tokens; replay: recorded real outputs (person schema)",
+    )
+    p.add_argument("--mask-threads", type=int, default=None, help="grammar mask fill threads")
+    p.add_argument(
+        "--mask-start",
+        choices=("early", "late"),
+        default="early",
+        help="early (loom's way): a step's mask fill starts once the grammars took the "
+        "previous tokens, beside the rest of the bookkeeping; late: when the step samples "
+        "(an A/B of that overlap)",
+    )
+    p.add_argument(
+        "--profile", action="store_true", help="print the scheduler thread's profile of json runs"
+    )
     args = smoke.parse_args(p, SMOKE)
     folder = resolve_model_path(args.model_path)
+    if "replay" in args.walks and args.schemas != "person":
+        p.error("--walks replay replays outputs of the person schema: use --schemas person")
     cases = [PERSON] if args.schemas == "person" else CASES
     rows = []
     for backend in args.grammar_backends:
@@ -252,42 +383,69 @@ def run_backend(args, folder: str, backend: str, cases: list) -> list[tuple[str,
         load_format=args.load_format,
         tokenizer_path=args.tokenizer_path,
         grammar_backend=backend,
+        grammar_mask_threads=args.mask_threads,
     )
     scheds = {False: Scheduler(ServerArgs(**common, enable_jump_forward=False), folder)}
     if args.jump_forward:
         scheds[True] = Scheduler(ServerArgs(**common, enable_jump_forward=True), folder)
     tokenizer = scheds[False].tokenizer
     for sched in scheds.values():
+        if args.mask_start == "late":  # the step after is never handed to _process
+            process = sched._process
+            sched._process = lambda step, following=None, process=process: process(step)
         run_once(sched, "warm-up", make_requests(tokenizer, cases, 1, 4), 1)
     rows = []
-    for conc in args.concurrency:
-        n = args.num_requests or conc
-        json_off = run_once(
-            scheds[False], "json", make_requests(tokenizer, cases, n, args.max_new_tokens), conc
-        )
-        lengths = [len(o) for o in json_off.outputs]
-        plain = run_once(
-            scheds[False],
-            "plain, same lengths",
-            make_requests(tokenizer, cases, n, 0, lengths),
-            conc,
-        )
-        rows += [(backend, conc, plain), (backend, conc, json_off)]
-        if args.jump_forward:
-            json_on = run_once(
-                scheds[True],
-                "json + jump-forward",
-                make_requests(tokenizer, cases, n, args.max_new_tokens),
-                conc,
-            )
-            check_jump_forward(json_on, json_off, conc, args.load_format)
-            rows.append((backend, conc, json_on))
+    for walk in args.walks:
+        for conc in args.concurrency:
+            rows += run_concurrency(args, scheds, cases, backend, walk, conc)
     for sched in scheds.values():
         sched.grammar.shutdown()
     del scheds
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     return rows
+
+
+def run_concurrency(args, scheds, cases, backend: str, walk: str, conc: int) -> list:
+    """plain, json (and json + jump-forward) at one concurrency and walk."""
+    tokenizer = scheds[False].tokenizer
+    n = args.num_requests or conc
+    walks = None
+    if walk == "replay":
+        walks = replay_walks(tokenizer, scheds[False].grammar, n, min(scheds[False].eos_ids))
+    max_new = args.max_new_tokens
+    profile = cProfile.Profile() if args.profile else None
+    if profile is not None:
+        profile.enable()
+    json_off = run_once(
+        scheds[False], "json", make_requests(tokenizer, cases, n, max_new), conc, walks
+    )
+    if profile is not None:
+        profile.disable()
+        print(f"## {backend}, {walk}, concurrency {conc}: the scheduler thread, json run")
+        pstats.Stats(profile).sort_stats("tottime").print_stats(20)
+    lengths = [len(o) for o in json_off.outputs]
+    plain = run_once(
+        scheds[False],
+        "plain, same lengths",
+        make_requests(tokenizer, cases, n, 0, lengths),
+        conc,
+        walks,
+    )
+    runs = [plain, json_off]
+    if args.jump_forward:
+        json_on = run_once(
+            scheds[True],
+            "json + jump-forward",
+            make_requests(tokenizer, cases, n, max_new),
+            conc,
+            walks,
+        )
+        check_jump_forward(json_on, json_off, conc, args.load_format)
+        runs.append(json_on)
+    for run in runs:
+        run.walk = walk
+    return [(backend, conc, run) for run in runs]
 
 
 def check_jump_forward(json_on: Run, json_off: Run, conc: int, load_format: str) -> None:
@@ -301,21 +459,23 @@ def check_jump_forward(json_on: Run, json_off: Run, conc: int, load_format: str)
 def print_table(rows: list[tuple[str, int, Run]], file=None) -> None:
     out = functools.partial(print, file=file or sys.stdout, flush=True)
     out(
-        "| backend | conc | run | time s | tokens | tok/s | steps | tok/step | vs plain "
-        "| mask ms/step | mask us/row | drafted | confirmed |"
+        "| backend | walk | conc | run | time s | tokens | tok/s | steps | tok/step | vs plain "
+        "| mask ms/step | mask us/row | apply ms/step | wait ms/step | drafted | confirmed |"
     )
-    out("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    out("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     plain_s = {}
     for backend, conc, r in rows:
         if r.name.startswith("plain"):
-            plain_s[backend, conc] = r.seconds
+            plain_s[backend, r.walk, conc] = r.seconds
         mask_step = 1000 * r.mask_seconds / r.steps
         mask_row = 1e6 * r.mask_seconds / r.mask_rows if r.mask_rows else 0.0
-        ratio = r.seconds / plain_s[backend, conc]
+        ratio = r.seconds / plain_s[backend, r.walk, conc]
         out(
-            f"| {backend} | {conc} | {r.name} | {r.seconds:.2f} | {r.tokens} "
+            f"| {backend} | {r.walk} | {conc} | {r.name} | {r.seconds:.2f} | {r.tokens} "
             f"| {r.tokens / r.seconds:.1f} | {r.steps} | {r.tokens / r.steps:.2f} | {ratio:.3f} "
-            f"| {mask_step:.2f} | {mask_row:.0f} | {r.drafted} | {r.accepted} |"
+            f"| {mask_step:.2f} | {mask_row:.0f} | {1000 * r.apply_seconds / r.steps:.2f} "
+            f"| {1000 * r.wait_seconds / r.steps:.2f} "
+            f"| {r.drafted} | {r.accepted} |"
         )
 
 

@@ -6,7 +6,10 @@ spawned worker so that a compile past its time limit, or a backend that crashes,
 restarted worker and not the whole run.
 
 Probes: every name in loom's factory (through loom's GrammarBackend interface: validate,
-get_matcher, accept_token, is_terminated), and two references with no loom checks:
+get_matcher, accept_token, is_terminated), "auto-non-strict" (the default choice for a
+request with json_schema_strict=False: the schema as SamplingParams sends it, with JSON
+Schema's defaults for extra keys and items written out), and two references with no loom
+checks:
 "xgrammar-stock" (xgr.Grammar.from_json_schema defaults) and "llguidance-stock"
 (LLMatcher.grammar_from_json_schema defaults).
 """
@@ -22,6 +25,7 @@ from multiprocessing.connection import Connection
 from typing import Any, NamedTuple, Protocol
 
 STOCK = ("xgrammar-stock", "llguidance-stock")
+NON_STRICT = "auto-non-strict"
 _WARM_UP_SCHEMA = '{"type": "object", "properties": {"a": {"type": "integer"}}}'
 OPEN_TIMEOUT_S = 600.0  # building a backend for a 128k vocabulary takes seconds
 MATCH_TIMEOUT_S = 120.0  # feeding a schema's instances, once it compiled
@@ -69,9 +73,11 @@ class LoomProbe:
 
     def __init__(self, name: str, tokenizer: Any, spec: TokenizerSpec, compile_timeout: float):
         from loom.constrain.factory import create_grammar_backend
+        from loom.constrain.strictness import open_schema_text
 
+        self._as_sent = open_schema_text if name == NON_STRICT else (lambda text: text)
         self._backend = create_grammar_backend(
-            name,
+            "auto" if name == NON_STRICT else name,
             tokenizer,
             spec.vocab_size,
             compile_timeout=compile_timeout,
@@ -86,7 +92,7 @@ class LoomProbe:
     def compile(self, schema_text: str) -> None:
         from loom.constrain.base import GrammarError
 
-        self._schema = schema_text
+        schema_text = self._schema = self._as_sent(schema_text)
         try:
             self._backend.validate("json_schema", schema_text)
             self._backend.get_matcher("json_schema", schema_text).result(self._timeout + 1)
@@ -228,7 +234,7 @@ def loom_backend_names() -> list[str] | str:
         from loom.constrain.factory import BACKENDS
     except Exception as e:
         return f"loom's factory does not import ({type(e).__name__}: {e})"
-    return [name for name in BACKENDS if name != "none"]
+    return [name for name in BACKENDS if name != "none"] + [NON_STRICT]
 
 
 @dataclass(frozen=True)

@@ -24,8 +24,8 @@ def _add_sampling_args(parser: argparse.ArgumentParser) -> None:
     for f in _SAMPLING_FLAGS:
         flag = "--" + f.name.replace("_", "-")
         hint = hints[f.name]
-        if hint is bool:
-            group.add_argument(flag, action="store_true", default=None)
+        if hint is bool:  # --flag / --no-flag: defaults that are True can be turned off
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=None)
         elif typing.get_origin(hint) is list:
             item = typing.get_args(hint)[0]
             group.add_argument(flag, type=item, action="append", default=None)

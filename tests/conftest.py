@@ -61,3 +61,21 @@ def default_model_dir() -> str:
     from loom.runtime.models.model_source import resolve_model_path
 
     return resolve_model_path(None)
+
+
+@pytest.fixture(scope="module")
+def grammar_tokenizer():
+    """tests/grammar_helpers.py's small byte-level BPE tokenizer."""
+    from tests.grammar_helpers import make_tokenizer
+
+    return make_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def xgrammar_backend(grammar_tokenizer):
+    from loom.constrain.xgrammar_backend import XGrammarBackend
+    from tests.grammar_helpers import model_vocab_size
+
+    backend = XGrammarBackend(grammar_tokenizer, model_vocab_size(grammar_tokenizer), num_threads=2)
+    yield backend
+    backend.shutdown()

@@ -170,17 +170,51 @@ def test_bench_frontends_runs_the_programs_through_both_frontends(sglang_fronten
 
 def test_bench_json_runs_plain_and_json_decoding_at_the_same_lengths(tiny_chat_llama):
     out = run_smoke("bench_json.py", "--model-path", tiny_chat_llama)
-    rows = table(out, "backend", "conc", "run", "tokens", "vs plain", "mask us/row", "drafted")
-    assert {r["backend"] for r in rows} == {"xgrammar", "llguidance"}
+    rows = table(out, "backend", "walk", "conc", "run", "tokens", "vs plain", "mask us/row")
+    assert {(r["backend"], r["walk"]) for r in rows} == {
+        (backend, walk) for backend in ("xgrammar", "llguidance") for walk in ("model", "replay")
+    }
     for backend in ("xgrammar", "llguidance"):
-        runs = {r["run"]: r for r in rows if r["backend"] == backend}
-        assert list(runs) == ["plain, same lengths", "json", "json + jump-forward"]
-        # The plain run is forced to the JSON run's lengths; jump-forward must not change them.
-        assert runs["plain, same lengths"]["tokens"] == runs["json"]["tokens"]
-        assert runs["json + jump-forward"]["tokens"] == runs["json"]["tokens"]
-        assert number(runs["plain, same lengths"]["mask us/row"]) == 0  # no grammar, no mask
-        assert number(runs["plain, same lengths"]["vs plain"]) == 1
-    assert all(finite(r["mask ms/step"]) and finite(r["tok/s"]) for r in rows)
+        for walk in ("model", "replay"):
+            runs = {r["run"]: r for r in rows if (r["backend"], r["walk"]) == (backend, walk)}
+            assert list(runs) == ["plain, same lengths", "json", "json + jump-forward"]
+            # The plain run is forced to the JSON run's lengths; jump-forward must not
+            # change them.
+            assert runs["plain, same lengths"]["tokens"] == runs["json"]["tokens"]
+            assert runs["json + jump-forward"]["tokens"] == runs["json"]["tokens"]
+            assert number(runs["plain, same lengths"]["mask us/row"]) == 0  # no grammar
+            assert number(runs["plain, same lengths"]["vs plain"]) == 1
+    assert all(finite(r["mask ms/step"]) and finite(r["wait ms/step"]) for r in rows)
+
+
+def test_bench_json_replay_forces_the_recorded_outputs(tiny_chat_llama):
+    from loom.runtime.args import ServerArgs
+    from loom.runtime.scheduler.scheduler import Scheduler
+
+    args = ServerArgs(device="cpu", max_total_tokens=2048, grammar_backend="xgrammar")
+    sched = Scheduler(args, tiny_chat_llama)
+    try:
+        stop = min(sched.eos_ids)
+        walks = bench_json.replay_walks(sched.tokenizer, sched.grammar, 2, stop)
+        reqs = bench_json.make_requests(sched.tokenizer, [bench_json.PERSON], 2, max_new=12)
+        run = bench_json.run_once(sched, "json", reqs, 2, walks)
+    finally:
+        sched.grammar.shutdown()
+    assert run.outputs == [walk[:12] for walk in walks]
+    texts = json.loads(bench_json.WALKS.read_text())["texts"]
+    assert sched.tokenizer.decode(walks[0][:-1]) == texts[0]
+
+
+def test_bench_mask_fill_times_every_backend_state_and_thread_count():
+    out = run_smoke("bench_mask_fill.py")
+    rows = table(out, "backend", "states", "rows", "threads", "us/row", "cpu us/row")
+    assert [(r["backend"], r["threads"], r["states"]) for r in rows] == [
+        (backend, threads, states)
+        for backend in ("xgrammar", "llguidance")
+        for threads in ("1", "2")
+        for states in ("replay", "email")
+    ]
+    assert all(r["rows"] == "4" and finite(r["us/row"]) for r in rows)
 
 
 def test_bench_json_sends_plain_prompts_without_a_chat_template(tiny_llama):
@@ -194,7 +228,14 @@ def test_bench_schema_coverage_runs_every_backend_on_two_schemas(default_model_d
     # Two schemas of JSONSchemaBench's dev split, kept here: CI has no ../shared/data.
     sample = os.path.join(REPO, "tests", "data", "jsonschemabench-sample.jsonl")
     out = run_smoke("bench_schema_coverage.py", "--tokenizer", default_model_dir, "--data", sample)
-    for backend in ("xgrammar", "llguidance", "auto", "xgrammar-stock", "llguidance-stock"):
+    for backend in (
+        "xgrammar",
+        "llguidance",
+        "auto",
+        "auto-non-strict",
+        "xgrammar-stock",
+        "llguidance-stock",
+    ):
         assert re.search(rf"^### {re.escape(backend)}\b", out, re.M), backend
     assert "### reference" in out and "### summary" in out
     assert len(re.findall(r"^\| \*\*total\*\* \| 2 \|", out, re.M)) >= 5

@@ -120,6 +120,7 @@ LENIENT_EXCUSED = {
 }  # fmt: skip
 ORDER = "keys come in one order (llguidance orders merged and required-only keys itself)"
 LLGUIDANCE_EXCUSED: dict[str, list[tuple[str, str, str]]] = {
+    STRICT: EXCUSED[STRICT],  # the default; strictness.close_schema
     NUMBER: NUMBER_CASES,
     FORMAT: [
         ("format.json", f"{fmt} format", f"invalid {fmt} string is only an annotation by default")

@@ -25,13 +25,24 @@ def apply(
         return
     if bitmask.device != logits.device:
         bitmask = bitmask.to(logits.device, non_blocking=True)
+    indices = None if rows is None else _on_device(rows, logits.device)
     width = min(logits.shape[-1], vocab_size, bitmask.shape[-1] * 32)
-    xgr.apply_token_bitmask_inplace(logits, bitmask, vocab_size=width, indices=rows)
+    xgr.apply_token_bitmask_inplace(logits, bitmask, vocab_size=width, indices=indices)
     if logits.shape[-1] > width:
-        if rows is None:
+        if indices is None:
             logits[:, width:] = float("-inf")
         else:
-            logits[torch.tensor(rows, device=logits.device), width:] = float("-inf")
+            logits[indices.long(), width:] = float("-inf")
+
+
+def _on_device(rows: list[int], device: torch.device) -> torch.Tensor:
+    """The row list on the logits' device without making the host wait for the device: a
+    list (xgrammar's own conversion) goes up from pageable memory, which on CUDA first
+    waits for everything queued, the running forward included."""
+    host = torch.tensor(rows, dtype=torch.int32)
+    if device.type != "cuda":
+        return host.to(device)
+    return host.pin_memory().to(device, non_blocking=True)
 
 
 class MaskRing:

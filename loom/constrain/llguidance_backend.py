@@ -4,14 +4,15 @@ parallel by llguidance's own threads (no GIL).
 Compile choices (llguidance 1.9):
 - A schema compiles once per (kind, text) into a matcher that each request deep-copies
   (a copy takes microseconds; building the lexer can take milliseconds).
-- Whitespace between tokens is free but capped at `max_whitespace` characters per gap,
-  as with xgrammar, so a model cannot loop on blank lines.
-- Undeclared keys are allowed where the schema allows them (llguidance follows JSON
-  Schema: additionalProperties defaults to true). A declared key written with escapes
-  ("\\u0061" for "a") would pass as an undeclared key and skip its own schema, so the
-  `\\u` and `\\/` escapes are not allowed in JSON strings: every character then has one
-  spelling. The cost: strings cannot hold the control characters that only \\u spells
-  (U+0000-U+001F but \\b \\f \\n \\r \\t).
+- Whitespace between elements is free and unbounded, as with xgrammar; the sampler stops
+  a model looping on it (whitespace.py).
+- Strict by default, as xgrammar: objects and tuples the schema leaves open are closed
+  (strictness.close_schema); a non-strict request comes with them opened explicitly
+  (strictness.open_schema), and undeclared keys are then allowed. A declared key
+  written with escapes ("\\u0061" for "a") would pass as an undeclared key and skip its
+  own schema, so the `\\u` and `\\/` escapes are not allowed in JSON strings: every
+  character then has one spelling. The cost: strings cannot hold the control characters
+  that only \\u spells (U+0000-U+001F but \\b \\f \\n \\r \\t).
 - Properties come in the schema's declared order (llguidance's own rule).
 - What llguidance does not enforce soundly is refused up front (schema_check's
   llguidance rules), or, with `json_schema_lenient`, validated afterwards.
@@ -32,19 +33,14 @@ from loom.constrain.base import GrammarBackend, GrammarError, GrammarMatcher, de
 from loom.constrain.compile_cache import CompileCache, then
 from loom.constrain.schema_check import check_schema
 from loom.constrain.schema_normalize import normalize
+from loom.constrain.strictness import close_schema
 
 KINDS = ("json_schema", "regex", "ebnf", "json_object")
 _LENIENT_SCHEMA = "json_schema (lenient)"  # the cache key kind of a lenient schema
-DEFAULT_MAX_WHITESPACE = 20
 _ESCAPES = '"\\bfnrt'  # JSON escapes but \u and \/ (see the module docstring)
 
 
-def json_options(max_whitespace: int) -> dict[str, Any]:
-    return {
-        "whitespace_flexible": True,
-        "whitespace_pattern": f"[\\x20\\x0A\\x0D\\x09]{{0,{max_whitespace}}}",
-        "json_allowed_escapes": _ESCAPES,
-    }
+JSON_OPTIONS: dict[str, Any] = {"whitespace_flexible": True, "json_allowed_escapes": _ESCAPES}
 
 
 class LLGuidanceMatcher(GrammarMatcher):
@@ -102,7 +98,6 @@ class LLGuidanceBackend(GrammarBackend):
         *,
         num_threads: int = 4,
         compile_timeout: float = 30.0,
-        max_whitespace: int = DEFAULT_MAX_WHITESPACE,
         cache_size: int = 256,
         stop_token_ids: list[int] | None = None,
         mask_threads: int | None = None,
@@ -111,7 +106,6 @@ class LLGuidanceBackend(GrammarBackend):
         eos = stop_token_ids or [tokenizer.eos_token_id]
         self._stop_ids = frozenset(eos)
         self._tokenizer = llguidance.hf.from_tokenizer(tokenizer, n_vocab=vocab_size, eos_token=eos)
-        self._max_whitespace = max_whitespace
         self._cache = CompileCache(
             lambda kind, text: self._compile(kind, text),
             lambda kind, text, e: f"{kind} does not compile: {e}",
@@ -123,7 +117,7 @@ class LLGuidanceBackend(GrammarBackend):
         self._executor = llguidance.LLExecutor(mask_threads or default_mask_threads())
 
     def validate(self, kind: str, text: str, lenient: bool = False) -> None:
-        validate_constraint(kind, text, lenient, max_whitespace=self._max_whitespace)
+        validate_constraint(kind, text, lenient)
 
     def get_matcher(self, kind: str, text: str, lenient: bool = False) -> Future[GrammarMatcher]:
         if lenient and kind == "json_schema":
@@ -135,7 +129,7 @@ class LLGuidanceBackend(GrammarBackend):
         )
 
     def _compile(self, kind: str, text: str) -> llguidance.LLMatcher:
-        grammar = grammar_text(kind, text, self._max_whitespace)
+        grammar = grammar_text(kind, text)
         matcher = llguidance.LLMatcher(self._tokenizer, grammar, log_level=0)
         if matcher.is_error():
             raise GrammarError(f"{kind} does not compile: {matcher.get_error()}")
@@ -149,15 +143,16 @@ class LLGuidanceBackend(GrammarBackend):
 
     def shutdown(self) -> None:
         self._cache.shutdown()
+        super().shutdown()
 
 
-def grammar_text(kind: str, text: str, max_whitespace: int) -> str:
+def grammar_text(kind: str, text: str) -> str:
     """llguidance's grammar for a constraint (not yet checked)."""
-    options = json_options(max_whitespace)
+    options = dict(JSON_OPTIONS)
     if kind in ("json_schema", _LENIENT_SCHEMA):
         # lenient: unimplemented keywords are dropped, the output validated afterwards
         options["lenient"] = kind == _LENIENT_SCHEMA
-        schema = normalize(_parse(text))
+        schema = normalize(close_schema(_parse(text)))
         return llguidance.LLMatcher.grammar_from_json_schema(schema, overrides=options)
     if kind == "json_object":
         return llguidance.LLMatcher.grammar_from_json_schema(
@@ -177,9 +172,7 @@ def _parse(text: str) -> Any:
         raise GrammarError(f"json_schema is not valid JSON: {e}") from e
 
 
-def validate_constraint(
-    kind: str, text: str, lenient: bool = False, *, max_whitespace: int = DEFAULT_MAX_WHITESPACE
-) -> None:
+def validate_constraint(kind: str, text: str, lenient: bool = False) -> None:
     """The up-front check of one constraint, without a tokenizer: raises GrammarError
     naming the problem."""
     if kind == "json_object":
@@ -190,7 +183,7 @@ def validate_constraint(
         check_schema(text, lenient, backend="llguidance")
         kind = _LENIENT_SCHEMA if lenient else kind
     try:
-        grammar = grammar_text(kind, text, max_whitespace)
+        grammar = grammar_text(kind, text)
     except ValueError as e:
         raise GrammarError(f"{kind} does not compile: {e}") from e
     error = llguidance.LLMatcher.validate_grammar(grammar)

@@ -106,6 +106,7 @@ class RoutingBackend(GrammarBackend):
     def shutdown(self) -> None:
         for backend in self.backends.values():
             backend.shutdown()
+        super().shutdown()
 
 
 def first_accepting(

@@ -12,9 +12,10 @@ JSON-schema compile choices (xgrammar 0.2.8):
   be empty, and minProperties without `properties` does not compile.
 - any_order=False: properties come in the schema's declared order. Any order would drop
   the checks that required keys are present and keys do not repeat.
-- Whitespace is free (any_whitespace) but capped at `max_whitespace` characters per gap,
-  so a model cannot loop on blank lines; the default fits indented output nested ~9
-  levels deep at indent 2.
+- Whitespace between elements is free and unbounded (any_whitespace), as JSON allows. A
+  counted cap (max_whitespace_cnt) made the mask of every state between elements several
+  times slower to compute (benchmarks/RESULTS.md); a model looping on whitespace is
+  stopped by the sampler instead (whitespace.py).
 - xgrammar's grammar for strings with minLength / maxLength lets raw control characters
   through (invalid JSON); `_close_control_chars` patches the generated grammar.
 - Other formatting the grammar fixes: integers are written without a fraction (1, not
@@ -38,7 +39,6 @@ from loom.constrain.schema_normalize import normalize
 from loom.constrain.xgrammar_quirks import find_literal_escape
 
 KINDS = ("json_schema", "regex", "ebnf", "json_object")
-DEFAULT_MAX_WHITESPACE = 20
 _JSON_OBJECT_SCHEMA = '{"type": "object"}'
 
 
@@ -84,7 +84,6 @@ class XGrammarBackend(GrammarBackend):
         *,
         num_threads: int = 4,
         compile_timeout: float = 30.0,
-        max_whitespace: int = DEFAULT_MAX_WHITESPACE,
         cache_size: int = 256,
         stop_token_ids: list[int] | None = None,
         mask_threads: int | None = None,
@@ -100,7 +99,6 @@ class XGrammarBackend(GrammarBackend):
         self._compiler = xgr.GrammarCompiler(
             self._info, max_threads=num_threads, cache_enabled=False
         )
-        self._max_whitespace = max_whitespace
         self._cache = CompileCache(
             lambda kind, text: self._compile(kind, text),
             _describe,
@@ -115,7 +113,7 @@ class XGrammarBackend(GrammarBackend):
     # -- validation -------------------------------------------------------------------
 
     def validate(self, kind: str, text: str, lenient: bool = False) -> None:
-        validate_constraint(kind, text, lenient, max_whitespace=self._max_whitespace)
+        validate_constraint(kind, text, lenient)
 
     # -- compilation ------------------------------------------------------------------
 
@@ -134,7 +132,7 @@ class XGrammarBackend(GrammarBackend):
     def _compile(self, kind: str, text: str) -> xgr.CompiledGrammar:
         if kind == "json_schema" or kind == "json_object":
             schema = text if kind == "json_schema" else _JSON_OBJECT_SCHEMA
-            return self._compiler.compile_grammar(json_schema_grammar(schema, self._max_whitespace))
+            return self._compiler.compile_grammar(json_schema_grammar(schema))
         if kind == "regex":
             _check_escapes(text)
             return self._compiler.compile_regex(text)
@@ -152,11 +150,10 @@ class XGrammarBackend(GrammarBackend):
 
     def shutdown(self) -> None:
         self._cache.shutdown()
+        super().shutdown()
 
 
-def validate_constraint(
-    kind: str, text: str, lenient: bool = False, *, max_whitespace: int = DEFAULT_MAX_WHITESPACE
-) -> None:
+def validate_constraint(kind: str, text: str, lenient: bool = False) -> None:
     """The up-front check of one constraint, without a tokenizer: raises GrammarError
     naming the problem. Cheap: it builds xgrammar's grammar but no token masks."""
     if kind == "json_object":
@@ -166,7 +163,7 @@ def validate_constraint(
     try:
         if kind == "json_schema":
             _check_pattern_repeats(check_schema(text, lenient))
-            json_schema_grammar(text, max_whitespace)
+            json_schema_grammar(text)
         elif kind == "regex":
             _check_escapes(text)
             xgr.Grammar.from_regex(text)
@@ -216,12 +213,11 @@ def _describe(kind: str, text: str, error: BaseException) -> str:
     return f"{what or kind + ' does not compile'}: {xgrammar_reason(error)}"
 
 
-def json_schema_grammar(schema_text: str, max_whitespace: int) -> xgr.Grammar:
+def json_schema_grammar(schema_text: str) -> xgr.Grammar:
     grammar = xgr.Grammar.from_json_schema(
         json.dumps(normalize(json.loads(schema_text), expand=False)),
         any_whitespace=True,
         strict_mode=True,
-        max_whitespace_cnt=max_whitespace,
         any_order=False,
     )
     return _close_control_chars(grammar)

@@ -76,6 +76,9 @@ class ServerArgs:
         False, "run grammar-forced text as a verified draft (exact; steps wait for the host)"
     )
     grammar_compile_timeout: float = _arg(30.0, "seconds a grammar may take to compile")
+    grammar_mask_threads: int | None = _arg(
+        None, "threads filling a step's token masks (default: the cores but one, at most 16)"
+    )
 
     # Server
     host: str = _arg("127.0.0.1", "HTTP host")
@@ -93,6 +96,8 @@ class ServerArgs:
             raise ValueError("max_total_tokens must be at least 16")
         if self.max_running_requests is not None and self.max_running_requests < 1:
             raise ValueError("max_running_requests must be at least 1")
+        if self.grammar_mask_threads is not None and self.grammar_mask_threads < 1:
+            raise ValueError("grammar_mask_threads must be at least 1")
 
     @classmethod
     def from_kwargs(cls, **kwargs) -> ServerArgs:

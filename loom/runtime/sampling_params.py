@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
+from loom.constrain.strictness import open_schema_text
+
 
 class InvalidRequestError(ValueError):
     """A request the caller must fix; nothing was scheduled."""
@@ -41,6 +43,10 @@ class SamplingParams:
     # Accept JSON schemas with keywords the grammar cannot enforce; the output is then
     # validated afterwards and a violation reported in meta_info instead of a 400.
     json_schema_lenient: bool = False
+    # Extra object keys / array items where the schema says nothing about them: refused
+    # (strict, as xgrammar's strict mode, SGLang and vLLM) or allowed (JSON Schema's own
+    # meaning). loom/constrain/strictness.py.
+    json_schema_strict: bool = True
 
     @classmethod
     def from_dict(cls, d: dict | None) -> SamplingParams:
@@ -75,6 +81,8 @@ class SamplingParams:
     def constraint(self) -> tuple[str, str] | None:
         """(kind, text) of the grammar constraint, or None."""
         if self.json_schema is not None:
+            if not self.json_schema_strict and isinstance(self.json_schema, str):
+                return ("json_schema", open_schema_text(self.json_schema))
             return ("json_schema", self.json_schema)
         if self.regex is not None:
             return ("regex", self.regex)

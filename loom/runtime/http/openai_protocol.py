@@ -176,8 +176,10 @@ def _constraint(req: _Sampling) -> dict:
         given["response_format"] = {
             "json_schema": json.dumps(fmt.json_schema.schema_),
             # OpenAI's strict=false asks for best effort: keywords the grammar cannot
-            # enforce are then allowed (and checked after generation).
+            # enforce are then allowed (and checked after generation), and the schema
+            # keeps JSON Schema's meaning (extra keys where it does not forbid them).
             "json_schema_lenient": fmt.json_schema.strict is False,
+            "json_schema_strict": fmt.json_schema.strict is not False,
         }
     if req.regex is not None:
         given["regex"] = {"regex": req.regex}

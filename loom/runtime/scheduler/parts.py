@@ -46,7 +46,17 @@ def make_grammar_backend(args: ServerArgs, tokenizer, vocab_size: int, eos_ids: 
         vocab_size,
         compile_timeout=args.grammar_compile_timeout,
         stop_token_ids=sorted(eos_ids),
+        mask_threads=args.grammar_mask_threads,
     )
+
+
+def whitespace_guard(grammar, tokenizer, vocab_size: int):
+    """The sampler's stop for whitespace loops in JSON output; None without a grammar."""
+    if grammar is None:
+        return None
+    from loom.constrain.whitespace import WhitespaceGuard
+
+    return WhitespaceGuard.for_tokenizer(tokenizer, vocab_size)
 
 
 def chunk_size(args: ServerArgs, device: torch.device) -> int | None:

@@ -8,11 +8,13 @@ before the host has seen the token.
 
 from __future__ import annotations
 
+from concurrent.futures import Future
 from dataclasses import dataclass
 
 import torch
 
 from loom.constrain.bitmask import MaskRing
+from loom.constrain.whitespace import WhitespaceGuard
 from loom.runtime.executor.host_copy import HostCopy, take_rows, to_device
 from loom.runtime.executor.sampler import apply_penalties, sample
 from loom.runtime.scheduler import batch as batching
@@ -28,6 +30,18 @@ class ForwardedStep:
 
     reqs: list[Req]
     logits: torch.Tensor
+    masks: PendingMasks | None = None  # started once the grammars saw the step before
+
+
+@dataclass
+class PendingMasks:
+    """A step's grammar masks being filled in the background: row i of `bitmask` for
+    reqs[i], i in `rows`."""
+
+    rows: list[int]
+    bitmask: torch.Tensor
+    slot: int
+    filled: Future[None]
 
 
 @dataclass
@@ -46,9 +60,21 @@ class SampledStep:
         return tokens.tolist()
 
 
+JSON_KINDS = ("json_schema", "json_object")
+
+
 class StepSampler:
-    def __init__(self, grammar, vocab_size: int, eos_ids: set[int], num_rows: int, device):
+    def __init__(
+        self,
+        grammar,
+        vocab_size: int,
+        eos_ids: set[int],
+        num_rows: int,
+        device,
+        whitespace: WhitespaceGuard | None = None,
+    ):
         self.grammar = grammar
+        self.whitespace = whitespace
         self.vocab_size = vocab_size
         self.eos_ids = eos_ids
         self.device = device
@@ -62,6 +88,36 @@ class StepSampler:
             req.pending += 1
         return ForwardedStep(reqs, logits)
 
+    def start_masks(self, step: ForwardedStep) -> None:
+        """Start filling the step's grammar masks in the background. Call once every
+        earlier token is accepted by the grammars; the caller's own work then overlaps
+        the fill as well as the forward. A request finished by then is left out; one
+        that finishes later is sampled unmasked (its token is discarded)."""
+        rows = [
+            i
+            for i, r in enumerate(step.reqs)
+            if r.grammar is not None and not r.finished and not r.grammar.is_terminated()
+        ]
+        if not rows:
+            return
+        bitmask, slot = self.masks.take(len(step.reqs))
+        matchers = [step.reqs[i].grammar for i in rows]
+        guarded = self._whitespace_loops(step.reqs, rows)
+        then = (lambda: self.whitespace.restrict(bitmask, guarded)) if guarded else None
+        filled = self.grammar.start_fill(matchers, rows, bitmask, then)
+        step.masks = PendingMasks(rows, bitmask, slot, filled)
+
+    def _whitespace_loops(self, reqs: list[Req], rows: list[int]) -> list[int]:
+        """The JSON rows whose output ends in a whitespace loop (whitespace.py)."""
+        if self.whitespace is None:
+            return []
+        return [
+            i
+            for i in rows
+            if self.whitespace.looping(reqs[i].output_ids)
+            and (reqs[i].sampling.constraint or ("",))[0] in JSON_KINDS
+        ]
+
     def queue(self, reqs: list[Req], logits: torch.Tensor) -> SampledStep:
         return self.sample(self.forwarded(reqs, logits))
 
@@ -74,11 +130,13 @@ class StepSampler:
         raw = take_rows(logits, logprob_rows) if logprob_rows else None
         sb = batching.sampling_batch(reqs, self.vocab_size, self.device, self.eos_ids)
         masked = [i for i, r in enumerate(reqs) if r.grammar is not None and not r.finished]
+        if masked and step.masks is None:
+            self.start_masks(step)
         penalized = sb.repetition_penalties is not None or sb.frequency_penalties is not None
         if not sb.all_greedy or penalized or masked:
             logits = logits.float()  # bf16 -> a float32 copy; a plain argmax reads bf16 as is
         apply_penalties(logits, sb)
-        self._apply_grammar_masks(reqs, masked, logits)
+        self._apply_grammar_masks(step, masked, logits)
         next_ids = sample(logits, sb)
         pad = self.last_tokens.numel() - 1  # finished requests gave their row back
         rows = [pad if r.req_pool_idx is None else r.req_pool_idx for r in reqs]
@@ -89,11 +147,16 @@ class StepSampler:
             logprobs = OutputLogprobs(reqs, logprob_rows, raw, take_rows(next_ids, logprob_rows))
         return SampledStep(reqs, HostCopy(next_ids), logprobs)
 
-    def _apply_grammar_masks(self, reqs: list[Req], rows: list[int], logits: torch.Tensor):
-        """Fill the constrained rows' masks (in parallel, off the GIL, while the forward
-        runs), upload them without waiting for the device, apply them on it."""
-        if not rows:
+    def _apply_grammar_masks(self, step: ForwardedStep, rows: list[int], logits: torch.Tensor):
+        """Wait for the constrained rows' masks (filled in parallel, off the GIL, while the
+        forward ran), upload them without waiting for the device, apply them on it.
+        Every row in `rows` was filled: a grammar that had terminated at start_masks
+        belongs to a request finished since."""
+        pending, step.masks = step.masks, None
+        if not rows or pending is None:
             return
-        bitmask, slot = self.masks.take(len(reqs))
-        self.grammar.fill_bitmasks([reqs[i].grammar for i in rows], rows, bitmask)
-        self.grammar.apply_bitmask(logits, self.masks.upload(bitmask, slot), rows)
+        pending.filled.result()
+        filled = set(pending.rows)
+        rows = [i for i in rows if i in filled]
+        device_mask = self.masks.upload(pending.bitmask, pending.slot)
+        self.grammar.apply_bitmask(logits, device_mask, rows)

@@ -67,6 +67,7 @@ class Scheduler:
             self.eos_ids,
             self.runner.req_to_token_pool.num_slots,
             self.device,
+            parts.whitespace_guard(self.grammar, self.tokenizer, self.runner.vocab_size),
         )
         self.overlap = not args.disable_overlap_schedule
         self.inflight: SampledStep | None = None  # queued, its tokens not yet processed
@@ -179,7 +180,7 @@ class Scheduler:
         or this one's (no overlap)."""
         self._poll_grammars()
         forwarded = self._queue_step()
-        self.drain()
+        self.drain(forwarded)
         if forwarded is None:
             return
         queued = self.sampler.sample(forwarded)
@@ -189,11 +190,13 @@ class Scheduler:
         else:
             self._process(queued)
 
-    def drain(self) -> None:
-        """Process the queued step's tokens now (waits for the device)."""
+    def drain(self, following: ForwardedStep | None = None) -> None:
+        """Process the queued step's tokens now (waits for the device). `following`, the
+        step queued after it, has its grammar masks started as soon as its requests'
+        grammars have seen these tokens."""
         if self.inflight is not None:
             step, self.inflight = self.inflight, None
-            self._process(step)
+            self._process(step, following)
 
     def _queue_step(self) -> ForwardedStep | None:
         decode_first = self.last_was_extend and self.running
@@ -333,15 +336,27 @@ class Scheduler:
 
     # ---- tokens out --------------------------------------------------------------------
 
-    def _process(self, step: SampledStep) -> None:
-        """Append a step's tokens to its requests: finish, stream, free, draft."""
-        for req, token in zip(step.reqs, step.read()):
+    def _process(self, step: SampledStep, following: ForwardedStep | None = None) -> None:
+        """Append a step's tokens to its requests: finish, stream, free, draft. The
+        grammars take the tokens first; then `following`'s masks fill in the background
+        while the rest is done here (which then leaves its matchers alone: with
+        jump-forward, which drafts from them, masks start only when sampling)."""
+        tokens = step.read()
+        live = []
+        for req, token in zip(step.reqs, tokens):
             req.pending -= 1
-            if req.finished:  # finished after this step was queued: the token is discarded
-                continue
-            self.advance(req, token)
+            if not req.finished:  # else finished after this step was queued: discarded
+                live.append((req, token, self._accept_grammar(req, token)))
+        if following is not None and self.jump is None:
+            self.sampler.start_masks(following)
+        for req, token, grammar_ok in live:
+            self.advance(req, token, grammar_ok)
             self.settle(req)
         self.running = [r for r in self.running if not r.finished]
+
+    @staticmethod
+    def _accept_grammar(req: Req, token: int) -> bool:
+        return req.grammar is None or req.grammar.accept_token(token)
 
     def sample_and_advance(self, reqs: list[Req], logits: torch.Tensor) -> None:
         """Sample and process at once (nothing may be in flight)."""
@@ -356,11 +371,14 @@ class Scheduler:
             req.pending -= 1
         return step.read()
 
-    def advance(self, req: Req, token: int) -> None:
-        """Append one sampled token; finish the request if it is done."""
+    def advance(self, req: Req, token: int, grammar_ok: bool | None = None) -> None:
+        """Append one sampled token; finish the request if it is done. `grammar_ok`:
+        whether the grammar already took the token (None: it is given it here)."""
         req.output_ids.append(token)
         self.stats["generation_tokens"] += 1
-        if req.grammar is not None and not req.grammar.accept_token(token):
+        if grammar_ok is None:
+            grammar_ok = self._accept_grammar(req, token)
+        if not grammar_ok:
             self._finish(req, FinishReason("abort", None, "grammar rejected a sampled token"))
             return
         reason = self.finish.check(req)
