@@ -4,6 +4,7 @@ filled together: the contracts the scheduler relies on, whichever backend holds 
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -65,6 +66,35 @@ def test_the_router_sends_each_constraint_to_the_backend_that_enforces_it(backen
     assert auto.choose("json_schema", TAGGED).name == "llguidance"
     assert auto.choose("regex", "[a-z]+").name == "xgrammar"
     assert auto.choose("ebnf", 'root ::= "yes" | "no"').name == "xgrammar"
+
+
+def _upper_then_lower(text: str) -> bool:  # \p{Lu}[a-z]{0,6}; Python's re has no \p
+    return len(text) > 0 and text[0].isupper() and re.fullmatch("[a-z]{0,6}", text[1:])
+
+
+@pytest.mark.parametrize(
+    "regex, matches",
+    [
+        (r"(?i)yes|no", lambda t: re.fullmatch(r"(?i)yes|no", t)),
+        (r"(?P<word>[a-z]{1,8})!", lambda t: re.fullmatch(r"(?P<word>[a-z]{1,8})!", t)),
+        (r"\p{Lu}[a-z]{0,6}", _upper_then_lower),
+    ],
+)
+def test_regex_features_xgrammar_lacks_go_to_llguidance(backends, tokenizer, regex, matches):
+    auto = backends["auto"]
+    assert auto.choose("regex", regex).name == "llguidance"
+    for seed in range(3):
+        text = random_walk(auto, auto.get_matcher("regex", regex).result(30), tokenizer, seed)
+        assert text is not None and matches(text), text
+
+
+@pytest.mark.parametrize(
+    "regex, feature",
+    [(r"(?=a)b", "Lookahead"), (r"(a)\1", "Backreference"), (r"\bab\b", "Word boundary")],
+)
+def test_regex_features_no_backend_has_are_refused_by_name(backends, regex, feature):
+    with pytest.raises(GrammarError, match=feature):
+        backends["auto"].validate("regex", regex)
 
 
 def test_xgrammar_alone_refuses_what_the_router_accepts_naming_the_keyword(backends):

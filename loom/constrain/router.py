@@ -5,7 +5,10 @@ JSON schemas try xgrammar first (its strict, declared-order grammars are what lo
 users and tests have relied on), then llguidance, which takes most of what loom's
 xgrammar checks refuse (patternProperties, allOf, anyOf beside other keywords, open
 additionalProperties, multipleOf, ...; benchmarks/RESULTS.md has the coverage). Regexes
-and EBNF grammars go to xgrammar alone: loom's documented dialects are xgrammar's. A
+try xgrammar, then llguidance, which adds inline flags ((?i)), named groups and Unicode
+classes (\\p{L}); what neither compiles (look-around, backreferences, word boundaries)
+is refused with xgrammar's reason, which names the feature. EBNF grammars go to xgrammar
+alone: loom's documented EBNF dialect is xgrammar's (llguidance reads another). A
 backend whose up-front check refuses a constraint is skipped; the error that comes back
 when all refuse is the first backend's.
 """
@@ -24,7 +27,7 @@ from loom.constrain.compile_cache import settle
 ORDER = {
     "json_schema": ("xgrammar", "llguidance"),
     "json_object": ("xgrammar", "llguidance"),
-    "regex": ("xgrammar",),
+    "regex": ("xgrammar", "llguidance"),
     "ebnf": ("xgrammar",),
 }
 

@@ -134,29 +134,42 @@ def sampling_batch(
 
 
 def _add_penalties(sb: SamplingBatch, reqs: list[Req], vocab: int, device) -> None:
+    """Per-row token sets and counts for the penalties, uploaded from pinned memory in one
+    copy each (a per-row upload from a list waits for the running forward)."""
     params = [r.sampling for r in reqs]
     if any(p.repetition_penalty != 1.0 for p in params):
+        rows, ids = _row_tokens([r.fill_ids for r in reqs], vocab)
         seen = torch.zeros((len(reqs), vocab), dtype=torch.bool, device=device)
-        for row, req in enumerate(reqs):
-            ids = torch.tensor(req.fill_ids, dtype=torch.int64, device=device)
-            seen[row, ids[ids < vocab]] = True
+        if rows:
+            at = to_device([rows, ids], torch.int64, device)
+            seen[at[0], at[1]] = True
         sb.seen_tokens = seen
-        sb.repetition_penalties = torch.tensor(
-            [p.repetition_penalty for p in params], dtype=torch.float32, device=device
+        sb.repetition_penalties = to_device(
+            [p.repetition_penalty for p in params], torch.float32, device
         )
     if any(p.frequency_penalty != 0 or p.presence_penalty != 0 for p in params):
+        rows, ids = _row_tokens([r.output_ids for r in reqs], vocab)
         counts = torch.zeros((len(reqs), vocab), dtype=torch.float32, device=device)
-        for row, req in enumerate(reqs):
-            if req.output_ids:
-                ids = torch.tensor(req.output_ids, dtype=torch.int64, device=device)
-                counts[row].scatter_add_(0, ids, torch.ones_like(ids, dtype=torch.float32))
+        if rows:
+            at = to_device([rows, ids], torch.int64, device)
+            ones = torch.ones(len(rows), dtype=torch.float32, device=device)
+            counts.index_put_((at[0], at[1]), ones, accumulate=True)
         sb.output_counts = counts
-        sb.frequency_penalties = torch.tensor(
-            [p.frequency_penalty for p in params], dtype=torch.float32, device=device
+        sb.frequency_penalties, sb.presence_penalties = to_device(
+            [[p.frequency_penalty for p in params], [p.presence_penalty for p in params]],
+            torch.float32,
+            device,
         )
-        sb.presence_penalties = torch.tensor(
-            [p.presence_penalty for p in params], dtype=torch.float32, device=device
-        )
+
+
+def _row_tokens(per_row: list[list[int]], vocab: int) -> tuple[list[int], list[int]]:
+    """(row, token) pairs of each row's tokens below vocab, as two flat lists."""
+    rows, ids = [], []
+    for row, tokens in enumerate(per_row):
+        kept = [t for t in tokens if t < vocab]
+        rows += [row] * len(kept)
+        ids += kept
+    return rows, ids
 
 
 def _add_min_tokens_bans(sb: SamplingBatch, reqs: list[Req], device, eos_ids: set[int]) -> None:
