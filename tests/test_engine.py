@@ -212,6 +212,9 @@ def test_prompt_logprobs_only_with_zero_new_tokens(engine, hf):
         (dict(input_ids=[5, True]), "input_ids"),  # a bool is not a token id
         (dict(input_ids=[[5, 6], [7, "8"]]), "integers"),
         (dict(input_ids=[5, 6], top_logprobs_num=-2), "top_logprobs_num"),
+        (dict(prompt="a\ud800b"), "lone surrogate"),  # once a 500 from the tokenizer
+        (dict(input_ids=[5, 6], rid="job-\udfff"), "rid"),
+        (dict(input_ids=[5, 6], rid=7), "rid"),
     ],
 )
 def test_bad_input_is_rejected_and_engine_keeps_serving(engine, kwargs, message):

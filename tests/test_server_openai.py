@@ -212,3 +212,36 @@ def test_malformed_json_body_is_a_400(runtime):
     r = httpx.post(runtime.url + "/v1/chat/completions", content=b"{nope", timeout=10)
     assert r.status_code == 400
     assert "not valid JSON" in r.json()["error"]["message"]
+
+
+# Each of these once killed the scheduler (every later request got a 503): issue 17.
+@pytest.mark.parametrize(
+    "extra, status",
+    [
+        ({"seed": 2**63}, 200),  # what the openai client sends for seed=2**63
+        ({"seed": 2**64 - 1, "temperature": 0.7}, 200),
+        ({"top_k": 2**63, "temperature": 0.7}, 200),
+        ({"min_tokens": 2, "stop_token_ids": [100000]}, 200),  # an id past the vocabulary
+        ({"stop": ["\ud800"]}, 400),  # a lone surrogate: valid JSON, no valid text
+        ({"temperature": float("nan")}, 400),
+        ({"seed": 2**64}, 400),
+    ],
+)
+def test_requests_that_once_killed_the_scheduler_complete_or_get_a_400(
+    runtime, model, extra, status
+):
+    # json.dumps escapes the surrogate (\\ud800) and writes NaN as Python's JSON reader takes it
+    body = json.dumps({"model": model, "prompt": "hi", "max_tokens": 4, **extra})
+    r = httpx.post(
+        runtime.url + "/v1/completions",
+        content=body,
+        headers={"Content-Type": "application/json"},
+        timeout=60,
+    )
+    assert r.status_code == status, r.text
+    after = httpx.post(
+        runtime.url + "/v1/completions",
+        json={"model": model, "prompt": "hi", "max_tokens": 2},
+        timeout=60,
+    )
+    assert after.status_code == 200 and after.json()["choices"][0]["text"] is not None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 
 from loom.constrain.strictness import open_schema_text
@@ -122,6 +123,19 @@ class SamplingParams:
             problems.append(f"n must be >= 1, got {self.n}")
         if any(s == "" for s in self.stop):
             problems.append("stop strings must be non-empty")
+        if not all(is_valid_unicode(s) for s in self.stop):
+            problems.append("stop strings must be valid Unicode (a lone surrogate is not)")
+        for name in ("json_schema", "regex", "ebnf"):
+            if isinstance(getattr(self, name), str) and not is_valid_unicode(getattr(self, name)):
+                problems.append(f"{name} must be valid Unicode (a lone surrogate is not)")
+        floats = ("temperature", "top_p", "min_p", "repetition_penalty", "frequency_penalty")
+        for name in (*floats, "presence_penalty"):
+            if not math.isfinite(getattr(self, name)):
+                problems.append(f"{name} must be a finite number, got {getattr(self, name)}")
+        if self.seed is not None and not -(2**63) <= self.seed < 2**64:
+            problems.append(f"seed must fit in 64 bits, got {self.seed}")
+        if any(t >= 2**63 for t in self.stop_token_ids):
+            problems.append("stop_token_ids must be token ids of the model's vocabulary")
         if any(t < 0 for t in self.stop_token_ids):
             problems.append("stop_token_ids must be >= 0")
         kinds = [k for k in ("json_schema", "regex", "ebnf") if getattr(self, k) is not None]
@@ -130,6 +144,15 @@ class SamplingParams:
             problems.append(f"give one constraint per request, got {kinds}")
         if problems:
             raise InvalidRequestError("; ".join(problems))
+
+
+def is_valid_unicode(text: str) -> bool:
+    """Whether text can be UTF-8 encoded (JSON may carry lone surrogates; no text holds them)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 _FIELD_TYPES = {

@@ -109,7 +109,7 @@ def sampling_batch(
     counts the token being sampled)."""
     params = [r.sampling for r in reqs]
     temps = [p.temperature for p in params]
-    top_ks = [p.top_k if p.top_k > 0 else vocab_size for p in params]
+    top_ks = [min(p.top_k, vocab_size) if p.top_k > 0 else vocab_size for p in params]
     all_greedy = all(t == 0 for t in temps)
     sb = SamplingBatch(
         all_greedy=all_greedy,
@@ -129,7 +129,7 @@ def sampling_batch(
         sb.temperatures, sb.top_ps, sb.min_ps = floats
         sb.top_ks, sb.seeds, sb.steps = ints
     _add_penalties(sb, reqs, vocab_size, device)
-    _add_min_tokens_bans(sb, reqs, device, eos_ids)
+    _add_min_tokens_bans(sb, reqs, vocab_size, device, eos_ids)
     return sb
 
 
@@ -172,13 +172,16 @@ def _row_tokens(per_row: list[list[int]], vocab: int) -> tuple[list[int], list[i
     return rows, ids
 
 
-def _add_min_tokens_bans(sb: SamplingBatch, reqs: list[Req], device, eos_ids: set[int]) -> None:
+def _add_min_tokens_bans(
+    sb: SamplingBatch, reqs: list[Req], vocab_size: int, device, eos_ids: set[int]
+) -> None:
     rows, tokens = [], []
     for row, req in enumerate(reqs):
         p = req.sampling
         if len(req.output_ids) + req.pending - 1 >= p.min_new_tokens:
             continue
         banned = set(p.stop_token_ids) | (set() if p.ignore_eos else eos_ids)
+        banned = {t for t in banned if t < vocab_size}  # an id past the logits is never sampled
         rows.extend([row] * len(banned))
         tokens.extend(sorted(banned))
     if rows:

@@ -96,7 +96,10 @@ class Scheduler:
     # ---- requests in -------------------------------------------------------------------
 
     def add_request(self, msg: m.GenerateRequest) -> None:
+        # Any 64-bit seed (the openai client sends up to 2**64 - 1), folded into the int64
+        # the sampling kernels take.
         seed = msg.sampling.seed if msg.sampling.seed is not None else self.rng.getrandbits(62)
+        seed %= 1 << 63
         req = Req(
             rid=msg.rid,
             origin_input_ids=list(msg.input_ids),

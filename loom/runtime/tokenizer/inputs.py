@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from loom.runtime.messages import GenerateRequest
-from loom.runtime.sampling_params import InvalidRequestError, SamplingParams
+from loom.runtime.sampling_params import InvalidRequestError, SamplingParams, is_valid_unicode
 
 MAX_TOP_LOGPROBS = 64
 
@@ -60,6 +60,8 @@ def expand(obj: GenerateInput, limits: InputLimits) -> tuple[list[Item], bool]:
         _check_prompt(ids, limits, i if is_batch else None)
         sp = _sampling(params[i], limits)
         _check_logprob_args(starts[i], tops[i], len(ids))
+        if rids[i] is not None and not (isinstance(rids[i], str) and is_valid_unicode(rids[i])):
+            raise InvalidRequestError("`rid` must be a string of valid Unicode")
         base = rids[i] or uuid.uuid4().hex
         for j in range(sp.n):
             copy = sp if sp.n == 1 else SamplingParams(**{**sp.to_dict(), "n": 1})
@@ -75,13 +77,14 @@ def _prompts(obj: GenerateInput, tokenizer) -> tuple[list[list[int]], bool]:
     if (obj.text is None) == (obj.input_ids is None):
         raise InvalidRequestError("give exactly one of `text` (or prompt) and `input_ids`")
     if obj.text is not None:
-        if isinstance(obj.text, str):
-            return [tokenizer(obj.text).input_ids], False
-        if not isinstance(obj.text, list) or not all(isinstance(t, str) for t in obj.text):
+        texts = [obj.text] if isinstance(obj.text, str) else obj.text
+        if not isinstance(texts, list) or not all(isinstance(t, str) for t in texts):
             raise InvalidRequestError("`text` must be a string or a list of strings")
-        if not obj.text:
+        if not texts:
             raise InvalidRequestError("`text` is an empty list")
-        return [tokenizer(t).input_ids for t in obj.text], True
+        if not all(is_valid_unicode(t) for t in texts):
+            raise InvalidRequestError("`text` must be valid Unicode (a lone surrogate is not)")
+        return [tokenizer(t).input_ids for t in texts], not isinstance(obj.text, str)
     ids = obj.input_ids
     if isinstance(ids, list) and ids and _all_ints(ids):
         return [list(ids)], False

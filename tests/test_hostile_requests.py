@@ -1,0 +1,53 @@
+"""Requests that once killed the scheduler (issue 17): each completes or is refused with a
+message that says what to fix, and the scheduler goes on serving with its pool intact."""
+
+from __future__ import annotations
+
+import pytest
+
+from loom.runtime.messages import GenerateRequest
+from loom.runtime.sampling_params import InvalidRequestError, SamplingParams
+from tests.test_models import make_scheduler
+from tests.tiny_models import VOCAB
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        dict(temperature=0.8, seed=2**63),  # past int64: folded
+        dict(temperature=0.8, seed=2**64 - 1),
+        dict(temperature=0.8, seed=-(2**63)),
+        dict(temperature=0.8, top_k=2**63),  # past the vocabulary: no limit
+        dict(min_new_tokens=2, stop_token_ids=[VOCAB + 100_000]),  # an id past the logits
+    ],
+)
+def test_out_of_range_values_complete_and_the_scheduler_goes_on(tiny_llama, params):
+    sched = make_scheduler(tiny_llama)
+    sched.add_request(GenerateRequest("odd", [5, 6, 7], SamplingParams(max_new_tokens=4, **params)))
+    sched.add_request(GenerateRequest("next", [8, 9], SamplingParams(max_new_tokens=3)))
+    done = {}
+    while sched.has_work():
+        sched.step()
+        done.update({o.rid: o for o in sched.take_outputs() if o.finished_reason is not None})
+    for rid in ("odd", "next"):  # both complete: a length limit or an end-of-text token
+        assert done[rid].finished_reason["type"] in ("length", "stop"), done[rid]
+    info = sched.server_info()
+    assert info.available_tokens + info.cache_tokens == info.max_total_tokens
+
+
+@pytest.mark.parametrize(
+    "params, message",
+    [
+        (dict(stop=["\ud800"]), "lone surrogate"),
+        (dict(regex="a\udfffb"), "lone surrogate"),
+        (dict(temperature=float("nan")), "finite"),
+        (dict(top_p=float("inf")), "finite"),
+        (dict(repetition_penalty=float("nan")), "finite"),
+        (dict(seed=2**64), "64 bits"),
+        (dict(seed=-(2**63) - 1), "64 bits"),
+        (dict(stop_token_ids=[2**63]), "vocabulary"),
+    ],
+)
+def test_values_no_request_can_have_are_refused_naming_the_field(params, message):
+    with pytest.raises(InvalidRequestError, match=message):
+        SamplingParams.from_dict(params)
