@@ -245,3 +245,19 @@ def test_requests_that_once_killed_the_scheduler_complete_or_get_a_400(
         timeout=60,
     )
     assert after.status_code == 200 and after.json()["choices"][0]["text"] is not None
+
+
+@pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions", "/generate"])
+def test_a_body_nested_thousands_deep_gets_a_400(runtime, model, path):
+    deep = "[" * 20000 + "]" * 20000  # once a 500 (RecursionError)
+    body = f'{{"model": "{model}", "prompt": {deep}, "text": {deep}}}'
+    r = httpx.post(
+        runtime.url + path, content=body, headers={"Content-Type": "application/json"}, timeout=60
+    )
+    assert r.status_code == 400 and "nests too deeply" in r.json()["error"]["message"], r.text
+    ok = httpx.post(
+        runtime.url + "/v1/completions",
+        json={"model": model, "prompt": "hi", "max_tokens": 2},
+        timeout=60,
+    )
+    assert ok.status_code == 200

@@ -54,6 +54,8 @@ def as_api_error(exc: BaseException) -> APIError:
         return APIError(503, f"the server cannot generate: {exc}", code="scheduler_dead")
     if isinstance(exc, ValidationError):
         return validation_error(exc)
+    if isinstance(exc, RecursionError):  # a body (or a schema in it) nested thousands deep
+        return APIError(400, "the request nests too deeply (JSON arrays / objects); flatten it")
     logger.exception("internal error", exc_info=exc)
     return APIError(500, f"internal server error: {type(exc).__name__}: {exc}")
 
@@ -77,6 +79,8 @@ async def read_json(request: Request) -> dict:
         body = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise APIError(400, f"the request body is not valid JSON ({e}); send a JSON object") from e
+    except RecursionError as e:
+        raise as_api_error(e) from e
     if not isinstance(body, dict):
         raise APIError(400, f"the request body must be a JSON object, got {type(body).__name__}")
     return body
