@@ -46,6 +46,7 @@ def test_out_of_range_values_complete_and_the_scheduler_goes_on(tiny_llama, para
         (dict(seed=2**64), "64 bits"),
         (dict(seed=-(2**63) - 1), "64 bits"),
         (dict(stop_token_ids=[2**63]), "vocabulary"),
+        (dict(n=1000), "n must be <= 128"),  # once accepted: 1000 sequences from one request
     ],
 )
 def test_values_no_request_can_have_are_refused_naming_the_field(params, message):

@@ -13,6 +13,8 @@ class InvalidRequestError(ValueError):
     """A request the caller must fix; nothing was scheduled."""
 
 
+MAX_N = 128  # completions of one request: each holds its own KV and decode slot
+
 # SGLang's frontend sends these with every request; loom accepts them while unset.
 _ACCEPTED_WHEN_UNSET = ("stop_regex",)
 
@@ -121,6 +123,8 @@ class SamplingParams:
             problems.append(f"presence_penalty must be in [-2, 2], got {self.presence_penalty}")
         if self.n < 1:
             problems.append(f"n must be >= 1, got {self.n}")
+        if self.n > MAX_N:
+            problems.append(f"n must be <= {MAX_N} (OpenAI's limit too), got {self.n}")
         if any(s == "" for s in self.stop):
             problems.append("stop strings must be non-empty")
         if not all(is_valid_unicode(s) for s in self.stop):
