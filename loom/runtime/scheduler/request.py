@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 
+from loom.runtime.messages import GenerateRequest
 from loom.runtime.sampling_params import SamplingParams
 
 _arrival = itertools.count()
@@ -78,6 +79,25 @@ class Req:
     input_top_logprobs: list = field(default_factory=list)
     output_token_logprobs: list = field(default_factory=list)
     output_top_logprobs: list = field(default_factory=list)
+
+    @classmethod
+    def from_message(cls, msg: GenerateRequest, seed: int) -> Req:
+        """The scheduler's request for a tokenizer manager's message. Any 64-bit seed (the
+        openai client sends up to 2**64 - 1) is folded into the int64 the kernels take."""
+        return cls(
+            rid=msg.rid,
+            origin_input_ids=list(msg.input_ids),
+            sampling=msg.sampling,
+            return_logprob=msg.return_logprob,
+            logprob_start_len=msg.logprob_start_len,
+            top_logprobs_num=msg.top_logprobs_num,
+            stream=msg.stream,
+            seed=seed % (1 << 63),
+        )
+
+    def accept_grammar(self, token: int) -> bool:
+        """Whether the request's grammar, if it has one, takes the token (and moves on)."""
+        return self.grammar is None or self.grammar.accept_token(token)
 
     @property
     def fill_ids(self) -> list[int]:

@@ -20,7 +20,6 @@ from __future__ import annotations
 import json
 import logging
 import random
-import time
 
 import torch
 from transformers import AutoTokenizer
@@ -35,6 +34,7 @@ from loom.runtime.scheduler import batch as batching
 from loom.runtime.scheduler import parts
 from loom.runtime.scheduler.admission import PrefillAdder, admissibility_problem
 from loom.runtime.scheduler.finish import FinishChecker
+from loom.runtime.scheduler.grammar_wait import GrammarWait
 from loom.runtime.scheduler.jump_forward import JumpForward, drop_draft
 from loom.runtime.scheduler.kv_ops import KVOps
 from loom.runtime.scheduler.logprobs import gather_prompt_logprobs
@@ -75,7 +75,7 @@ class Scheduler:
 
         self.waiting: list[Req] = []
         self.running: list[Req] = []
-        self.grammar_queue: list[tuple[Req, object, float]] = []  # (req, future, deadline)
+        self.grammar_wait = GrammarWait(args.grammar_compile_timeout)
         self.chunked: Req | None = None  # mid-prefill: gets its next chunk before others
         self.outbox: list[m.ReqOutput] = []
         self.last_was_extend = False
@@ -96,20 +96,8 @@ class Scheduler:
     # ---- requests in -------------------------------------------------------------------
 
     def add_request(self, msg: m.GenerateRequest) -> None:
-        # Any 64-bit seed (the openai client sends up to 2**64 - 1), folded into the int64
-        # the sampling kernels take.
         seed = msg.sampling.seed if msg.sampling.seed is not None else self.rng.getrandbits(62)
-        seed %= 1 << 63
-        req = Req(
-            rid=msg.rid,
-            origin_input_ids=list(msg.input_ids),
-            sampling=msg.sampling,
-            return_logprob=msg.return_logprob,
-            logprob_start_len=msg.logprob_start_len,
-            top_logprobs_num=msg.top_logprobs_num,
-            stream=msg.stream,
-            seed=seed,
-        )
+        req = Req.from_message(msg, seed)
         problem = admissibility_problem(req, self.runner, self.grammar is not None)
         if problem:
             self._finish(req, FinishReason("abort", None, problem))
@@ -118,18 +106,13 @@ class Scheduler:
         if constraint is None:
             self.waiting.append(req)
             return
-        future = self.grammar.get_matcher(*constraint, msg.sampling.json_schema_lenient)
-        self.grammar_queue.append(
-            (req, future, time.monotonic() + self.args.grammar_compile_timeout)
-        )
+        lenient = msg.sampling.json_schema_lenient
+        self.grammar_wait.add(req, self.grammar.get_matcher(*constraint, lenient))
 
     def abort(self, rid: str) -> None:
-        for queue in (self.waiting, [g[0] for g in self.grammar_queue]):
-            for req in queue:
-                if req.rid == rid:
-                    self._finish(req, FinishReason("abort", None, "aborted by the client"))
+        for req in [r for r in self.waiting if r.rid == rid] + self.grammar_wait.remove(rid):
+            self._finish(req, FinishReason("abort", None, "aborted by the client"))
         self.waiting = [r for r in self.waiting if r.rid != rid]
-        self.grammar_queue = [g for g in self.grammar_queue if g[0].rid != rid]
         for req in self.running + ([self.chunked] if self.chunked else []):
             if req.rid == rid and not req.finished:
                 self._finish(req, FinishReason("abort", None, "aborted by the client"))
@@ -153,7 +136,7 @@ class Scheduler:
             cache_tokens=cache.total_size(),
             evictable_tokens=cache.evictable_size(),
             running_requests=len(self.running) + (1 if self.chunked else 0),
-            waiting_requests=len(self.waiting) + len(self.grammar_queue),
+            waiting_requests=len(self.waiting) + len(self.grammar_wait),
             context_length=self.runner.context_len,
             max_running_requests=self.runner.max_running_requests,
             vocab_size=self.runner.vocab_size,
@@ -169,7 +152,7 @@ class Scheduler:
 
     def has_work(self) -> bool:
         return bool(
-            self.waiting or self.running or self.chunked or self.grammar_queue or self.inflight
+            self.waiting or self.running or self.chunked or self.grammar_wait or self.inflight
         )
 
     def take_outputs(self) -> list[m.ReqOutput]:
@@ -211,20 +194,10 @@ class Scheduler:
         return self._run_decode_step() if self.running else None
 
     def _poll_grammars(self) -> None:
-        still = []
-        for req, future, deadline in self.grammar_queue:
-            if future.done():
-                try:
-                    req.grammar = future.result()
-                except Exception as e:  # noqa: BLE001 - any compile failure fails only this request
-                    self._finish(req, FinishReason("abort", None, f"grammar error: {e}"))
-                    continue
-                self.waiting.append(req)
-            elif time.monotonic() > deadline:
-                self._finish(req, FinishReason("abort", None, "grammar compile timed out"))
-            else:
-                still.append((req, future, deadline))
-        self.grammar_queue = still
+        ready, failed = self.grammar_wait.poll()
+        self.waiting.extend(ready)
+        for req, why in failed:
+            self._finish(req, FinishReason("abort", None, why))
 
     def _run_extend_step(self) -> tuple[bool, ForwardedStep | None]:
         adder = PrefillAdder(self, self.chunk_size)
@@ -349,17 +322,13 @@ class Scheduler:
         for req, token in zip(step.reqs, tokens):
             req.pending -= 1
             if not req.finished:  # else finished after this step was queued: discarded
-                live.append((req, token, self._accept_grammar(req, token)))
+                live.append((req, token, req.accept_grammar(token)))
         if following is not None and self.jump is None:
             self.sampler.start_masks(following)
         for req, token, grammar_ok in live:
             self.advance(req, token, grammar_ok)
             self.settle(req)
         self.running = [r for r in self.running if not r.finished]
-
-    @staticmethod
-    def _accept_grammar(req: Req, token: int) -> bool:
-        return req.grammar is None or req.grammar.accept_token(token)
 
     def sample_and_advance(self, reqs: list[Req], logits: torch.Tensor) -> None:
         """Sample and process at once (nothing may be in flight)."""
@@ -380,7 +349,7 @@ class Scheduler:
         req.output_ids.append(token)
         self.stats["generation_tokens"] += 1
         if grammar_ok is None:
-            grammar_ok = self._accept_grammar(req, token)
+            grammar_ok = req.accept_grammar(token)
         if not grammar_ok:
             self._finish(req, FinishReason("abort", None, "grammar rejected a sampled token"))
             return
