@@ -96,7 +96,10 @@ class GrammarBackend(ABC):
         return masks.allocate(batch_size, self.vocab_size)
 
     def apply_bitmask(
-        self, logits: torch.Tensor, bitmask: torch.Tensor, rows: list[int] | None = None
+        self,
+        logits: torch.Tensor,
+        bitmask: torch.Tensor,
+        rows: list[int] | torch.Tensor | None = None,
     ) -> None:
         """Set disallowed logits to -inf in place, on the logits' device; only `rows`
         (all rows when None) are masked."""

@@ -17,15 +17,22 @@ def allocate(batch_size: int, vocab_size: int, pin: bool = False) -> torch.Tenso
 
 
 def apply(
-    logits: torch.Tensor, bitmask: torch.Tensor, vocab_size: int, rows: list[int] | None = None
+    logits: torch.Tensor,
+    bitmask: torch.Tensor,
+    vocab_size: int,
+    rows: list[int] | torch.Tensor | None = None,
 ) -> None:
     """Set the logits of disallowed tokens to -inf in place (only `rows` when given). Ids
-    past the grammar's vocabulary (the model's padding) are never allowed."""
-    if rows is not None and not rows:
+    past the grammar's vocabulary (the model's padding) are never allowed. On the hot path
+    `rows` comes as a tensor already on the logits' device: a list goes up from pageable
+    memory, which on CUDA first waits for everything queued, the running forward included."""
+    if rows is not None and len(rows) == 0:
         return
     if bitmask.device != logits.device:
         bitmask = bitmask.to(logits.device, non_blocking=True)
-    indices = None if rows is None else _on_device(rows, logits.device)
+    indices = None
+    if rows is not None:
+        indices = torch.as_tensor(rows, dtype=torch.int32, device=logits.device)
     width = min(logits.shape[-1], vocab_size, bitmask.shape[-1] * 32)
     xgr.apply_token_bitmask_inplace(logits, bitmask, vocab_size=width, indices=indices)
     if logits.shape[-1] > width:
@@ -33,16 +40,6 @@ def apply(
             logits[:, width:] = float("-inf")
         else:
             logits[indices.long(), width:] = float("-inf")
-
-
-def _on_device(rows: list[int], device: torch.device) -> torch.Tensor:
-    """The row list on the logits' device without making the host wait for the device: a
-    list (xgrammar's own conversion) goes up from pageable memory, which on CUDA first
-    waits for everything queued, the running forward included."""
-    host = torch.tensor(rows, dtype=torch.int32)
-    if device.type != "cuda":
-        return host.to(device)
-    return host.pin_memory().to(device, non_blocking=True)
 
 
 class MaskRing:

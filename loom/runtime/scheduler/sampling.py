@@ -158,5 +158,7 @@ class StepSampler:
         pending.filled.result()
         filled = set(pending.rows)
         rows = [i for i in rows if i in filled]
+        if not rows:
+            return
         device_mask = self.masks.upload(pending.bitmask, pending.slot)
-        self.grammar.apply_bitmask(logits, device_mask, rows)
+        self.grammar.apply_bitmask(logits, device_mask, to_device(rows, torch.int32, self.device))
