@@ -14,8 +14,10 @@ from hypothesis import strategies as st
 from jsonschema import Draft202012Validator
 from jsonschema.validators import validator_for
 
-from loom.constrain.formats import PATTERNS
-from loom.constrain.schema_normalize import normalize
+from loom.constrain.factory import create_grammar_backend
+from loom.constrain.formats import EMAIL, PATTERNS
+from loom.constrain.schema_normalize import for_grammar, normalize
+from tests.grammar_helpers import make_tokenizer, model_vocab_size
 from tests.test_json_schema_suite import FILES, SUITE
 
 CHECKER = Draft202012Validator.FORMAT_CHECKER
@@ -158,3 +160,40 @@ def test_what_the_rewrites_produce():
     assert "oneOf" in normalize(overlapping)
     disjoint = {"oneOf": [{"type": "string"}, {"type": "integer"}]}
     assert normalize(disjoint) == {"anyOf": disjoint["oneOf"]}
+
+
+EMAILS = ["john.doe@example.com", "a@b.c", "x+tag@mail-1.example.org", "o'neil@x--y.io"]
+NOT_EMAILS = ['"joe bloggs"@x.org', "john@", "@example.com", "a..b@x.org", ".a@x.org", "a@-x.org", "a@x-.org", "a b@x"]
+
+
+def test_email_as_a_grammar_writes_it_passes_jsonschemas_check():
+    for text in EMAILS:
+        assert re.fullmatch(EMAIL, text) and CHECKER.conforms(text, "email"), text
+    for text in NOT_EMAILS:
+        assert not re.fullmatch(EMAIL, text), text
+    typed = {"type": "string", "format": "email"}
+    assert for_grammar(typed) == {"type": "string", "pattern": f"^{EMAIL}$"}
+    assert normalize(typed) == typed  # normalize keeps meaning: the narrowing is separate
+    assert for_grammar({"format": "email"}) == {"format": "email"}  # not only strings
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(alphabet="ab.@-_+\" \\", max_size=12))
+def test_every_grammar_email_has_an_at_sign(text):
+    if re.fullmatch(EMAIL, text):
+        assert CHECKER.conforms(text, "email")
+
+
+@pytest.mark.parametrize("backend_name", ["xgrammar", "llguidance"])
+def test_both_backends_write_the_same_emails(backend_name):
+    tokenizer = make_tokenizer()
+    backend = create_grammar_backend(backend_name, tokenizer, model_vocab_size(tokenizer))
+    schema = json.dumps({"type": "string", "format": "email"})
+    try:
+        for text, valid in [(t, True) for t in EMAILS] + [(t, False) for t in NOT_EMAILS]:
+            matcher = backend.get_matcher("json_schema", schema).result(timeout=30)
+            ids = tokenizer.encode(json.dumps(text)) + [tokenizer.eos_token_id]
+            taken = all(matcher.accept_token(t) for t in ids) and matcher.is_terminated()
+            assert taken == valid, text
+    finally:
+        backend.shutdown()

@@ -22,6 +22,20 @@ TIME = (
 )
 PATTERNS = {"date": DATE, "date-time": f"{DATE}[Tt]{TIME}", "time": TIME}
 
+# An email as a grammar writes it: a dot-atom local part, an '@', and a domain of
+# letter-digit labels joined by hyphens (RFC 5321's mailbox without quoted local parts or
+# address literals, which xgrammar's pattern conversion cannot write inside JSON).
+# jsonschema's checker asks only for an '@', so every such string passes it; a model is
+# kept to addresses that look like addresses, as with the libraries' own `email`.
+# Written unambiguously, each character having one way to match: xgrammar's built-in
+# email grammar has right-recursive, ambiguous rules, and filling a mask inside it costs
+# ~75x this pattern's (450 us against 6 us on a Llama-3 vocabulary).
+_ATOM = "[a-zA-Z0-9_!#$%&'*+/=?^`{|}~-]+"
+_LABEL = "[A-Za-z0-9]+(-+[A-Za-z0-9]+)*"
+EMAIL = f"{_ATOM}(\\.{_ATOM})*@{_LABEL}(\\.{_LABEL})*"
+# Formats a grammar writes narrower than jsonschema checks them (sound, not exact).
+GRAMMAR_PATTERNS = {"email": EMAIL, "idn-email": EMAIL}
+
 
 def exact_pattern(node: dict) -> str | None:
     """The anchored exact pattern of a schema object's calendar format, when it has one
@@ -32,7 +46,20 @@ def exact_pattern(node: dict) -> str | None:
     return f"^{PATTERNS[fmt]}$"
 
 
-_FORMAT_OF = {f"^{pattern}$": fmt for fmt, pattern in PATTERNS.items()}
+def grammar_pattern(node: dict) -> str | None:
+    """The anchored pattern a grammar writes for a string schema's format, for the
+    formats written narrower than checked (GRAMMAR_PATTERNS), with no `pattern` beside."""
+    fmt = node.get("format")
+    if not isinstance(fmt, str) or fmt not in GRAMMAR_PATTERNS or "pattern" in node:
+        return None
+    if node.get("type") != "string":  # a pattern alone would not say "a string"
+        return None
+    return f"^{GRAMMAR_PATTERNS[fmt]}$"
+
+
+_FORMAT_OF: dict[str, str] = {}
+for _fmt, _pattern in {**PATTERNS, **GRAMMAR_PATTERNS}.items():
+    _FORMAT_OF[f"^{_pattern}$"] = " or ".join(filter(None, [_FORMAT_OF.get(f"^{_pattern}$"), _fmt]))
 
 
 def format_of(pattern: str) -> str | None:

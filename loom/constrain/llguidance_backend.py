@@ -32,7 +32,7 @@ import torch
 from loom.constrain.base import GrammarBackend, GrammarError, GrammarMatcher, default_mask_threads
 from loom.constrain.compile_cache import CompileCache, then
 from loom.constrain.schema_check import check_schema
-from loom.constrain.schema_normalize import normalize
+from loom.constrain.schema_normalize import for_grammar
 from loom.constrain.strictness import close_schema
 
 KINDS = ("json_schema", "regex", "ebnf", "json_object")
@@ -152,7 +152,7 @@ def grammar_text(kind: str, text: str) -> str:
     if kind in ("json_schema", _LENIENT_SCHEMA):
         # lenient: unimplemented keywords are dropped, the output validated afterwards
         options["lenient"] = kind == _LENIENT_SCHEMA
-        schema = normalize(close_schema(_parse(text)))
+        schema = for_grammar(close_schema(_parse(text)))
         return llguidance.LLMatcher.grammar_from_json_schema(schema, overrides=options)
     if kind == "json_object":
         return llguidance.LLMatcher.grammar_from_json_schema(

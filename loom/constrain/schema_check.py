@@ -46,7 +46,7 @@ from referencing.jsonschema import DRAFT202012
 
 from loom.constrain.base import GrammarError
 from loom.constrain.formats import format_of
-from loom.constrain.schema_normalize import normalize
+from loom.constrain.schema_normalize import for_grammar
 from loom.constrain.schema_types import (
     ASSERTIONS,
     IGNORED_EVERYWHERE,
@@ -88,7 +88,7 @@ def find_problems(schema: Any, backend: str = "xgrammar") -> list[Problem]:
     compiles it: schema_normalize's rewrite)."""
     if not isinstance(schema, dict):
         return []
-    schema = normalize(schema, expand=backend != "xgrammar")
+    schema = for_grammar(schema, expand=backend != "xgrammar")
     rules = _problems if backend == "xgrammar" else _llguidance_problems
     found: list[Problem] = []
     for path, sub, under_id in _walk(schema, "", schema, set(), nested_id=False):

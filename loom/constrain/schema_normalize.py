@@ -37,7 +37,7 @@ import referencing.exceptions
 from jsonschema.validators import validator_for
 from referencing.jsonschema import DRAFT202012
 
-from loom.constrain.formats import exact_pattern
+from loom.constrain.formats import exact_pattern, grammar_pattern
 from loom.constrain.schema_types import (
     ASSERTIONS,
     SCHEMA_MAPS,
@@ -73,6 +73,25 @@ def normalize(schema: Any, expand: bool = True) -> Any:
         _required_only_one_of(schema)
         _value_switch(schema)
     return schema
+
+
+def for_grammar(schema: Any, expand: bool = True) -> Any:
+    """What a grammar compiles: normalize(schema), then each `format` a grammar writes
+    narrower than jsonschema checks it (formats.GRAMMAR_PATTERNS: email) replaced by that
+    pattern. Not a meaning-keeping rewrite: the grammar's instances are a subset."""
+    schema = normalize(schema, expand)
+    if isinstance(schema, dict):
+        _grammar_formats(schema)
+    return schema
+
+
+def _grammar_formats(node: Schema) -> None:
+    pattern = grammar_pattern(node)
+    if pattern is not None:
+        del node["format"]
+        node["pattern"] = pattern
+    for _, container, key in _children(node, ""):
+        _grammar_formats(container[key])
 
 
 # normalize rewrites every subschema, reachable or not, and draft-7 dependencies' too

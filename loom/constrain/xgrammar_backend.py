@@ -35,7 +35,7 @@ import xgrammar as xgr
 from loom.constrain.base import GrammarBackend, GrammarError, GrammarMatcher, default_mask_threads
 from loom.constrain.compile_cache import CompileCache, then
 from loom.constrain.schema_check import check_schema
-from loom.constrain.schema_normalize import normalize
+from loom.constrain.schema_normalize import for_grammar
 from loom.constrain.xgrammar_quirks import find_literal_escape
 
 KINDS = ("json_schema", "regex", "ebnf", "json_object")
@@ -215,7 +215,7 @@ def _describe(kind: str, text: str, error: BaseException) -> str:
 
 def json_schema_grammar(schema_text: str) -> xgr.Grammar:
     grammar = xgr.Grammar.from_json_schema(
-        json.dumps(normalize(json.loads(schema_text), expand=False)),
+        json.dumps(for_grammar(json.loads(schema_text), expand=False)),
         any_whitespace=True,
         strict_mode=True,
         any_order=False,
