@@ -18,16 +18,15 @@ scheduler spends waiting for the fill to end and queuing the masks; `wait ms/ste
 time it waits for the device to hand it a step's tokens: near zero means the host, not
 the device, sets the pace.
 
-Walks (--walks): with dummy weights the model's tokens are a random walk through the
-grammar, which lingers in states no real model visits (hundreds of tokens inside an
-email's local part, the most expensive mask state of the person schema). `--walks replay`
-forces instead the tokens of real outputs recorded for the person schema
-(benchmarks/data/person_walks.json, Qwen2.5-Coder-0.5B-Instruct), in the json and the plain
-run alike: the device still runs each forward, mask and sampling, and the grammar follows
-what a real model writes.
+Walks (--walks, json_workload.py): `model`, the dummy-weight model's own tokens (a random
+walk through the grammar); `replay`, real JSON forced as the model's tokens in the json and
+the plain run alike (recorded outputs of a real model for the person schema; for
+`--schemas jsonschemabench`, real-world schemas of JSONSchemaBench's dev split each
+walking one of its valid instances).
 
     python benchmarks/bench_json.py --schemas person --concurrency 1 16 64 256 \
         --grammar-backends xgrammar llguidance --max-new-tokens 160 --walks model replay
+    python benchmarks/bench_json.py --schemas jsonschemabench --walks replay
     python benchmarks/bench_json.py --smoke        (CI: on CPU, two short requests)
 """
 
@@ -35,16 +34,14 @@ from __future__ import annotations
 
 import argparse
 import cProfile
-import functools
 import json
 import pstats
-import sys
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import smoke
 import torch
+from json_workload import CASES, PERSON, Replay, jsonschemabench_cases, person_walks
 
 from loom.runtime import messages as m
 from loom.runtime.args import ServerArgs
@@ -52,90 +49,6 @@ from loom.runtime.models.model_source import resolve_model_path
 from loom.runtime.sampling_params import SamplingParams
 from loom.runtime.scheduler import sampling
 from loom.runtime.scheduler.scheduler import Scheduler
-
-WALKS = Path(__file__).parent / "data" / "person_walks.json"
-
-_STR = {"type": "string"}
-_INT = {"type": "integer"}
-# The issue's 8-field person: length-limited strings, an email, patterns, an enum array,
-# a nested object, an integer range.
-PERSON = (
-    "Describe a fictional person as JSON.",
-    {
-        "type": "object",
-        "properties": {
-            "name": {"type": "string", "maxLength": 40},
-            "email": {"type": "string", "format": "email"},
-            "phone": {"type": "string", "pattern": "^[+]?[0-9][0-9 -]{6,14}[0-9]$"},
-            "age": {"type": "integer", "minimum": 0, "maximum": 120},
-            "tags": {
-                "type": "array",
-                "items": {"enum": ["friend", "work", "family", "other"]},
-                "maxItems": 4,
-            },
-            "address": {
-                "type": "object",
-                "properties": {
-                    "street": {"type": "string", "maxLength": 60},
-                    "city": {"type": "string", "maxLength": 40},
-                    "zip": {"type": "string", "pattern": "^[0-9]{5}$"},
-                },
-                "required": ["street", "city", "zip"],
-            },
-            "active": {"type": "boolean"},
-            "bio": {"type": "string", "maxLength": 200},
-        },
-        "required": ["name", "email", "phone", "age", "tags", "address", "active", "bio"],
-    },
-)
-CASES = [
-    (
-        "Describe a fictional person as JSON.",
-        {
-            "type": "object",
-            "properties": {"name": _STR, "age": {"type": "integer", "minimum": 0}, "city": _STR},
-            "required": ["name", "age", "city"],
-        },
-    ),
-    (
-        "Give the capital of France and its population as JSON.",
-        {
-            "type": "object",
-            "properties": {"country": _STR, "capital": _STR, "population": _INT},
-            "required": ["country", "capital", "population"],
-        },
-    ),
-    (
-        "Write a to-do item with up to three tags as JSON.",
-        {
-            "type": "object",
-            "properties": {
-                "title": _STR,
-                "tags": {"type": "array", "items": _STR, "maxItems": 3},
-                "priority": {"enum": ["low", "medium", "high"]},
-                "done": {"type": "boolean"},
-            },
-            "required": ["title", "tags", "priority", "done"],
-        },
-    ),
-    (
-        "Describe a book as JSON.",
-        {
-            "type": "object",
-            "properties": {
-                "title": _STR,
-                "author": {
-                    "type": "object",
-                    "properties": {"first_name": _STR, "last_name": _STR},
-                    "required": ["first_name", "last_name"],
-                },
-                "year": {"type": "integer", "minimum": 1400, "maximum": 2030},
-                "genre": {"enum": ["fiction", "non-fiction", "poetry", "science-fiction"]},
-            },
-            "required": ["title", "author", "year", "genre"],
-        },
-    ),
-]
 
 # Two short requests on CPU. The tokenizer must spell JSON: the default model's does, a tiny
 # test model's word tokenizer does not.
@@ -185,7 +98,7 @@ def make_requests(
 ) -> list[m.GenerateRequest]:
     reqs = []
     for i in range(n):
-        prompt, schema = cases[i % len(cases)]
+        prompt, schema = cases[i % len(cases)][:2]
         ids = prompt_ids(tokenizer, prompt)
         if lengths is None:
             params = SamplingParams(
@@ -240,54 +153,6 @@ def timed_waits(sched: Scheduler, run: Run):
     return undo
 
 
-class Replay:
-    """Forces each request's sampled tokens to a recorded walk (its rid's token ids,
-    ending with a stop token), after the step's real sampling has run on the device."""
-
-    def __init__(self, sched: Scheduler, walks: dict[str, list[int]]):
-        self.sched, self.walks = sched, walks
-
-    def __enter__(self):
-        sampler, walks, device = self.sched.sampler, self.walks, self.sched.device
-        inner_step, inner_sample = sampler.sample, sampling.sample
-        stop = min(self.sched.eos_ids)
-        current: list = []
-
-        def forced(logits, sb):
-            inner_sample(logits, sb)
-            ids = []
-            for req in current:
-                walk, at = walks.get(req.rid, []), len(req.output_ids) + req.pending - 1
-                ids.append(walk[at] if at < len(walk) else stop)
-            return torch.tensor(ids, dtype=torch.int64).to(device, non_blocking=True)
-
-        def sample_step(step):
-            current[:] = step.reqs
-            return inner_step(step)
-
-        sampler.sample, sampling.sample = sample_step, forced
-        self._undo = lambda: (delattr(sampler, "sample"), setattr(sampling, "sample", inner_sample))
-        return self
-
-    def __exit__(self, *exc):
-        self._undo()
-
-
-def replay_walks(tokenizer, backend, n: int, stop: int) -> list[list[int]]:
-    """The recorded person outputs as token ids of this tokenizer (each ends with a stop
-    token), those the backend's grammar accepts whole; request i replays walk i % len."""
-    texts = json.loads(WALKS.read_text())["texts"]
-    walks = []
-    for text in texts:
-        ids = tokenizer(text, add_special_tokens=False).input_ids + [stop]
-        matcher = backend.get_matcher("json_schema", json.dumps(PERSON[1])).result()
-        if all(matcher.accept_token(t) for t in ids):
-            walks.append(ids)
-    if not walks:
-        raise SystemExit("the grammar accepts none of the recorded walks")
-    return [walks[i % len(walks)] for i in range(n)]
-
-
 def run_once(
     sched: Scheduler,
     name: str,
@@ -336,7 +201,14 @@ def main() -> None:
     p.add_argument("--num-requests", type=int, default=None, help="default: the concurrency")
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 16, 64, 256])
     p.add_argument("--max-new-tokens", type=int, default=160)
-    p.add_argument("--schemas", choices=("person", "cases"), default="person")
+    p.add_argument(
+        "--schemas",
+        choices=("person", "cases", "jsonschemabench"),
+        default="person",
+        help="jsonschemabench: --bench-schemas real-world schemas of the dev split, drawn "
+        "among those the backend compiles, each replaying one of its valid instances",
+    )
+    p.add_argument("--bench-schemas", type=int, default=64)
     p.add_argument("--grammar-backends", nargs="+", default=["auto"])
     p.add_argument("--jump-forward", action="store_true", help="also run with jump-forward")
     p.add_argument("--device", default="auto")
@@ -348,7 +220,8 @@ def main() -> None:
         nargs="+",
         choices=("model", "replay"),
         default=["model"],
-        help="model: the model's own tokens; replay: recorded real outputs (person schema)",
+        help="model: the model's own tokens; replay: recorded real outputs (person schema) "
+        "or valid instances (jsonschemabench)",
     )
     p.add_argument("--mask-threads", type=int, default=None, help="grammar mask fill threads")
     p.add_argument(
@@ -364,18 +237,15 @@ def main() -> None:
     )
     args = smoke.parse_args(p, SMOKE)
     folder = resolve_model_path(args.model_path)
-    if "replay" in args.walks and args.schemas != "person":
-        p.error("--walks replay replays outputs of the person schema: use --schemas person")
+    if "replay" in args.walks and args.schemas == "cases":
+        p.error("--walks replay: recorded walks exist for --schemas person and jsonschemabench")
     cases = [PERSON] if args.schemas == "person" else CASES
-    rows = []
+    table = Table()  # each row printed as it is measured: a run cut short keeps its rows
     for backend in args.grammar_backends:
-        rows += run_backend(args, folder, backend, cases)
-        if backend != args.grammar_backends[-1]:  # in case a long GPU run is cut short
-            print_table(rows, file=sys.stderr)
-    print_table(rows)
+        run_backend(args, folder, backend, cases, table)
 
 
-def run_backend(args, folder: str, backend: str, cases: list) -> list[tuple[str, int, Run]]:
+def run_backend(args, folder: str, backend: str, cases: list, table: Table) -> None:
     common = dict(
         device=args.device,
         max_total_tokens=args.max_total_tokens,
@@ -389,30 +259,32 @@ def run_backend(args, folder: str, backend: str, cases: list) -> list[tuple[str,
     if args.jump_forward:
         scheds[True] = Scheduler(ServerArgs(**common, enable_jump_forward=True), folder)
     tokenizer = scheds[False].tokenizer
+    if args.schemas == "jsonschemabench":  # drawn among what this backend compiles
+        stop = min(scheds[False].eos_ids)
+        cases = jsonschemabench_cases(
+            tokenizer, scheds[False].grammar, stop, args.bench_schemas, args.max_new_tokens
+        )
     for sched in scheds.values():
         if args.mask_start == "late":  # the step after is never handed to _process
             process = sched._process
             sched._process = lambda step, following=None, process=process: process(step)
         run_once(sched, "warm-up", make_requests(tokenizer, cases, 1, 4), 1)
-    rows = []
     for walk in args.walks:
         for conc in args.concurrency:
-            rows += run_concurrency(args, scheds, cases, backend, walk, conc)
+            for run in run_concurrency(args, scheds, cases, backend, walk, conc):
+                table.add(backend, conc, run)
     for sched in scheds.values():
         sched.grammar.shutdown()
     del scheds
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-    return rows
 
 
 def run_concurrency(args, scheds, cases, backend: str, walk: str, conc: int) -> list:
     """plain, json (and json + jump-forward) at one concurrency and walk."""
     tokenizer = scheds[False].tokenizer
     n = args.num_requests or conc
-    walks = None
-    if walk == "replay":
-        walks = replay_walks(tokenizer, scheds[False].grammar, n, min(scheds[False].eos_ids))
+    walks = replayed(scheds[False], cases, n) if walk == "replay" else None
     max_new = args.max_new_tokens
     profile = cProfile.Profile() if args.profile else None
     if profile is not None:
@@ -445,7 +317,16 @@ def run_concurrency(args, scheds, cases, backend: str, walk: str, conc: int) -> 
         runs.append(json_on)
     for run in runs:
         run.walk = walk
-    return [(backend, conc, run) for run in runs]
+    return runs
+
+
+def replayed(sched: Scheduler, cases: list, n: int) -> list[list[int]]:
+    """Request i's walk: a recorded person output, or its dev-split case's instance."""
+    if len(cases[0]) == 3:
+        walks = [walk for _, _, walk in cases]
+    else:
+        walks = person_walks(sched.tokenizer, sched.grammar, PERSON[1], min(sched.eos_ids))
+    return [walks[i % len(walks)] for i in range(n)]
 
 
 def check_jump_forward(json_on: Run, json_off: Run, conc: int, load_format: str) -> None:
@@ -456,26 +337,31 @@ def check_jump_forward(json_on: Run, json_off: Run, conc: int, load_format: str)
         print(f"concurrency {conc}: {changed} outputs differ with jump-forward (dummy weights)")
 
 
-def print_table(rows: list[tuple[str, int, Run]], file=None) -> None:
-    out = functools.partial(print, file=file or sys.stdout, flush=True)
-    out(
-        "| backend | walk | conc | run | time s | tokens | tok/s | steps | tok/step | vs plain "
-        "| mask ms/step | mask us/row | apply ms/step | wait ms/step | drafted | confirmed |"
-    )
-    out("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
-    plain_s = {}
-    for backend, conc, r in rows:
+class Table:
+    """The results table, printed a row at a time; each json row is read against the plain
+    run of its backend, walk and concurrency, printed before it."""
+
+    def __init__(self):
+        self.plain_seconds: dict[tuple, float] = {}
+        print(
+            "| backend | walk | conc | run | time s | tokens | tok/s | steps | tok/step "
+            "| vs plain | mask ms/step | mask us/row | apply ms/step | wait ms/step "
+            "| drafted | confirmed |"
+        )
+        print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|", flush=True)
+
+    def add(self, backend: str, conc: int, r: Run) -> None:
         if r.name.startswith("plain"):
-            plain_s[backend, r.walk, conc] = r.seconds
+            self.plain_seconds[backend, r.walk, conc] = r.seconds
         mask_step = 1000 * r.mask_seconds / r.steps
         mask_row = 1e6 * r.mask_seconds / r.mask_rows if r.mask_rows else 0.0
-        ratio = r.seconds / plain_s[backend, r.walk, conc]
-        out(
+        ratio = r.seconds / self.plain_seconds[backend, r.walk, conc]
+        print(
             f"| {backend} | {r.walk} | {conc} | {r.name} | {r.seconds:.2f} | {r.tokens} "
             f"| {r.tokens / r.seconds:.1f} | {r.steps} | {r.tokens / r.steps:.2f} | {ratio:.3f} "
             f"| {mask_step:.2f} | {mask_row:.0f} | {1000 * r.apply_seconds / r.steps:.2f} "
-            f"| {1000 * r.wait_seconds / r.steps:.2f} "
-            f"| {r.drafted} | {r.accepted} |"
+            f"| {1000 * r.wait_seconds / r.steps:.2f} | {r.drafted} | {r.accepted} |",
+            flush=True,
         )
 
 

@@ -13,7 +13,7 @@ work one row costs). Compare one step's fill (`ms/step`) with the forward it mus
 behind.
 
     python benchmarks/bench_mask_fill.py --tokenizers ASSETS/tokenizer-llama3 \
-        ASSETS/tokenizer-qwen2.5 --rows 256 --threads 1 4 8 15
+        ASSETS/tokenizer-qwen2.5 --rows 1 16 64 256 --threads 1 4 8 15
     python benchmarks/bench_mask_fill.py --smoke     (CI: the default model's tokenizer)
 """
 
@@ -26,13 +26,13 @@ import statistics
 import time
 
 import smoke
-from bench_json import PERSON, WALKS
+from json_workload import PERSON, WALKS
 from transformers import AutoTokenizer
 
 from loom.constrain.factory import create_grammar_backend
 from loom.runtime.models.model_source import resolve_model_path
 
-SMOKE = dict(tokenizers=[None], rows=4, threads=[1, 2], repeats=2)
+SMOKE = dict(tokenizers=[None], rows=[1, 4], threads=[1, 2], repeats=2)
 EMAIL_PREFIX = '{"name": "Ann", "email": "qx'
 
 
@@ -89,8 +89,14 @@ def main() -> None:
     p.add_argument("--tokenizers", nargs="+", default=[None], help="default: the default model's")
     p.add_argument("--backends", nargs="+", default=["xgrammar", "llguidance"])
     p.add_argument("--states", nargs="+", default=["replay", "email"])
-    p.add_argument("--rows", type=int, default=256)
-    p.add_argument("--threads", type=int, nargs="+", default=[1, 4, 8, 15])
+    p.add_argument("--rows", type=int, nargs="+", default=[256])
+    p.add_argument(
+        "--threads",
+        type=int,
+        nargs="+",
+        default=[1, 4, 8, 15],
+        help="most fill threads (xgrammar takes one per ROWS_PER_THREAD rows up to this)",
+    )
     p.add_argument("--repeats", type=int, default=5)
     args = smoke.parse_args(p, SMOKE)
     print(
@@ -106,14 +112,15 @@ def main() -> None:
                     backend_name, tokenizer, len(tokenizer), mask_threads=threads
                 )
                 for states in args.states:
-                    seconds = time_fill(backend, tokenizer, states, args.rows, args.repeats)
-                    per_row = 1e6 * seconds / args.rows
-                    print(
-                        f"| {name} | {len(tokenizer)} | {backend_name} | {states} | {args.rows} "
-                        f"| {threads} | {1e3 * seconds:.2f} | {per_row:.1f} "
-                        f"| {per_row * threads:.1f} |",
-                        flush=True,
-                    )
+                    for rows in args.rows:
+                        seconds = time_fill(backend, tokenizer, states, rows, args.repeats)
+                        per_row = 1e6 * seconds / rows
+                        print(
+                            f"| {name} | {len(tokenizer)} | {backend_name} | {states} | {rows} "
+                            f"| {threads} | {1e3 * seconds:.2f} | {per_row:.1f} "
+                            f"| {per_row * threads:.1f} |",
+                            flush=True,
+                        )
                 backend.shutdown()
 
 

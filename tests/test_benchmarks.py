@@ -25,6 +25,7 @@ REPO = Path(__file__).resolve().parents[1]
 # runs them; their folder goes on the path the same way.
 sys.path.insert(0, str(REPO / "benchmarks"))
 import bench_json  # noqa: E402
+import json_workload  # noqa: E402
 
 SGLANG_VERSION = "0.5.23"  # the frontend bench_frontends compares against, pinned for CI
 
@@ -195,14 +196,36 @@ def test_bench_json_replay_forces_the_recorded_outputs(tiny_chat_llama):
     sched = Scheduler(args, tiny_chat_llama)
     try:
         stop = min(sched.eos_ids)
-        walks = bench_json.replay_walks(sched.tokenizer, sched.grammar, 2, stop)
+        walks = bench_json.replayed(sched, [bench_json.PERSON], 2)
         reqs = bench_json.make_requests(sched.tokenizer, [bench_json.PERSON], 2, max_new=12)
         run = bench_json.run_once(sched, "json", reqs, 2, walks)
     finally:
         sched.grammar.shutdown()
     assert run.outputs == [walk[:12] for walk in walks]
-    texts = json.loads(bench_json.WALKS.read_text())["texts"]
+    texts = json.loads(json_workload.WALKS.read_text())["texts"]
     assert sched.tokenizer.decode(walks[0][:-1]) == texts[0]
+
+
+def test_bench_json_walks_jsonschemabench_schemas_along_their_valid_instances(tiny_chat_llama):
+    from jsonschema import Draft202012Validator
+
+    from loom.runtime.args import ServerArgs
+    from loom.runtime.scheduler.scheduler import Scheduler
+
+    args = ServerArgs(device="cpu", max_total_tokens=2048, grammar_backend="auto")
+    sched = Scheduler(args, tiny_chat_llama)
+    try:
+        stop = min(sched.eos_ids)
+        cases = json_workload.jsonschemabench_cases(sched.tokenizer, sched.grammar, stop, 3, 64)
+        walks = bench_json.replayed(sched, cases, 3)
+        reqs = bench_json.make_requests(sched.tokenizer, cases, 3, max_new=64)
+        run = bench_json.run_once(sched, "json", reqs, 3, walks)
+    finally:
+        sched.grammar.shutdown()
+    assert len({json.dumps(schema) for _, schema, _ in cases}) == 3  # one case per schema
+    for (_, schema, walk), output in zip(cases, run.outputs):
+        assert output == walk  # the instance, then the stop token
+        Draft202012Validator(schema).validate(json.loads(sched.tokenizer.decode(walk[:-1])))
 
 
 def test_bench_mask_fill_times_every_backend_state_and_thread_count():
@@ -213,8 +236,10 @@ def test_bench_mask_fill_times_every_backend_state_and_thread_count():
         for backend in ("xgrammar", "llguidance")
         for threads in ("1", "2")
         for states in ("replay", "email")
+        for _ in ("1", "4")
     ]
-    assert all(r["rows"] == "4" and finite(r["us/row"]) for r in rows)
+    assert [r["rows"] for r in rows[:2]] == ["1", "4"]
+    assert all(finite(r["us/row"]) for r in rows)
 
 
 def test_bench_json_sends_plain_prompts_without_a_chat_template(tiny_llama):

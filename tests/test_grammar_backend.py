@@ -11,7 +11,7 @@ import torch
 
 from loom.constrain.base import GrammarError
 from loom.constrain.factory import create_grammar_backend
-from loom.constrain.xgrammar_backend import XGrammarBackend, validate_constraint
+from loom.constrain.xgrammar_backend import XGrammarBackend, threads_for, validate_constraint
 from tests.grammar_helpers import model_vocab_size
 
 PERSON = json.dumps(
@@ -313,3 +313,9 @@ def test_factory(tokenizer):
     backend.shutdown()
     with pytest.raises(ValueError, match="unknown grammar backend"):
         create_grammar_backend("outlines", tokenizer, 100)
+
+
+def test_fill_threads_grow_with_the_rows_up_to_the_limit():
+    # A fill's threads start and join every step: a few rows are filled on one thread.
+    assert [threads_for(rows, 8) for rows in (1, 4, 7, 8, 16, 32, 256)] == [1, 1, 1, 2, 4, 8, 8]
+    assert threads_for(256, 1) == 1

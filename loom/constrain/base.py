@@ -114,6 +114,7 @@ class GrammarBackend(ABC):
 
 def default_mask_threads() -> int:
     """Threads that fill one step's masks: the cores this process may use but one (the
-    scheduler's own thread keeps working while they fill), at most 16. One row of a 128k
-    vocabulary takes tens to hundreds of microseconds."""
-    return max(1, min(16, len(os.sched_getaffinity(0)) - 1))
+    scheduler's own thread keeps working while they fill), at most 8: past 8 threads the
+    threads' start and join cost what they save (xgrammar_backend.ROWS_PER_THREAD). One
+    row of a 128k vocabulary takes tens to hundreds of microseconds."""
+    return max(1, min(8, len(os.sched_getaffinity(0)) - 1))

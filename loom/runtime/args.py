@@ -77,7 +77,7 @@ class ServerArgs:
     )
     grammar_compile_timeout: float = _arg(30.0, "seconds a grammar may take to compile")
     grammar_mask_threads: int | None = _arg(
-        None, "threads filling a step's token masks (default: the cores but one, at most 16)"
+        None, "threads filling a step's token masks (default: the cores but one, at most 8)"
     )
 
     # Server
