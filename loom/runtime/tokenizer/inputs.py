@@ -61,11 +61,13 @@ def expand(obj: GenerateInput, limits: InputLimits) -> tuple[list[Item], bool]:
     logprob = _per_prompt(obj.return_logprob, count, "return_logprob", default=False)
     starts = _per_prompt(obj.logprob_start_len, count, "logprob_start_len", default=-1)
     tops = _per_prompt(obj.top_logprobs_num, count, "top_logprobs_num", default=0)
+    if not all(isinstance(flag, bool) for flag in logprob):
+        raise InvalidRequestError("return_logprob must be true or false (or a list of them)")
     items: list[Item] = []
     for i, ids in enumerate(prompts):
         _check_prompt(ids, limits, i if is_batch else None)
-        sp = _sampling(params[i], limits, room=limits.context_len - len(ids))
-        _check_logprob_args(logprob[i], starts[i], tops[i], len(ids))
+        sp = _sampling(params[i], limits)
+        _check_logprob_args(starts[i], tops[i], len(ids))
         for j in range(sp.n):
             copy = sp if sp.n == 1 else SamplingParams(**{**sp.to_dict(), "n": 1})
             if sp.n > 1 and sp.seed is not None:
@@ -155,9 +157,7 @@ def _check_prompt(ids: list[int], limits: InputLimits, index: int | None) -> Non
         )
 
 
-def _sampling(d: Any, limits: InputLimits, room: int) -> SamplingParams:
-    """The prompt's parameters. max_new_tokens is cut to the room its context leaves: no
-    request is run past it, and admission reserves KV for what a request may still ask."""
+def _sampling(d: Any, limits: InputLimits) -> SamplingParams:
     if d is not None and not isinstance(d, dict):
         raise InvalidRequestError("`sampling_params` must be an object (or a list of them)")
     d = dict(d or {})
@@ -167,8 +167,6 @@ def _sampling(d: Any, limits: InputLimits, room: int) -> SamplingParams:
 
         d["json_schema"] = json.dumps(schema)  # accept a dict as well as a JSON string
     params = SamplingParams.from_dict(d)
-    params.max_new_tokens = min(params.max_new_tokens, room)
-    params.min_new_tokens = min(params.min_new_tokens, params.max_new_tokens)
     constraint = params.constraint
     if constraint is not None and limits.grammar_check is not None:
         try:
@@ -178,9 +176,7 @@ def _sampling(d: Any, limits: InputLimits, room: int) -> SamplingParams:
     return params
 
 
-def _check_logprob_args(wanted: Any, start: Any, top: Any, prompt_len: int) -> None:
-    if not isinstance(wanted, bool):
-        raise InvalidRequestError(f"return_logprob must be true or false, got {wanted!r}")
+def _check_logprob_args(start: Any, top: Any, prompt_len: int) -> None:
     if not _is_int(start) or start < -1 or start >= prompt_len:
         raise InvalidRequestError(
             f"logprob_start_len must be -1 (no prompt logprobs) or in [0, {prompt_len}), "
