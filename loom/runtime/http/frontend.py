@@ -128,11 +128,12 @@ class Frontend:
             )
         # Counted from admission on, so requests arriving together cannot all slip under
         # the cap; released when the request ends, or, if its response never starts (the
-        # client left first), when the Prepared is dropped.
+        # client left first), when the Prepared is dropped. The count and the names are
+        # the loop's: a Prepared collected on a worker thread is released on the loop.
         self.in_flight += len(items)
         self.names.add(items)
         prepared = Prepared(obj, items, is_batch, self._releaser(items))
-        weakref.finalize(prepared, prepared.release)
+        weakref.finalize(prepared, _call_on, asyncio.get_running_loop(), prepared.release)
         return prepared
 
     def _releaser(self, items: list[Item]) -> Callable[[], None]:
@@ -190,6 +191,11 @@ class Frontend:
             return await self.manager.server_info()
         except Exception as e:  # noqa: BLE001 - mapped to the right status
             raise as_api_error(e) from e
+
+
+def _call_on(loop: asyncio.AbstractEventLoop, fn: Callable[[], None]) -> None:
+    if not loop.is_closed():
+        loop.call_soon_threadsafe(fn)
 
 
 async def _first(agen: AsyncIterator[T]) -> T:
