@@ -441,20 +441,6 @@ def test_banned_tokens_are_minus_infinity_and_never_sampled():
 # ---- logprobs ------------------------------------------------------------------------------
 
 
-def test_a_row_whose_every_token_is_masked_still_samples_an_id_of_the_vocabulary():
-    """A grammar that no token of the vocabulary can continue masks a whole row: its
-    filtered draw once indexed -1 and killed the scheduler (found by tests/
-    test_server_fuzz.py). The other rows of the batch sample as ever."""
-    vocab = 8
-    reqs = [make_req(temperature=1.0, top_k=5), make_req(temperature=1.0, top_p=0.5)]
-    reqs += [make_req(temperature=1.0, min_p=0.2), make_req(temperature=1.0, top_k=1)]
-    logits = torch.randn(4, vocab)
-    logits[:3] = float("-inf")
-    tokens = sample(logits.clone(), batch_of(reqs, vocab))
-    assert ((tokens >= 0) & (tokens < vocab)).all()
-    assert tokens[3] == logits[3].argmax()
-
-
 def test_token_logprobs_are_log_softmax_of_the_raw_logits():
     logits = random_logits(5, 40, 13)
     ids = torch.tensor([0, 39, 7, 7, 20])
