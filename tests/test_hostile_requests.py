@@ -4,10 +4,13 @@ message that says what to fix, and the scheduler goes on serving with its pool i
 from __future__ import annotations
 
 import pytest
+import torch
 
+from loom.runtime.executor.sampler import sample
 from loom.runtime.messages import GenerateRequest
 from loom.runtime.sampling_params import InvalidRequestError, SamplingParams
 from tests.test_models import make_scheduler
+from tests.test_sampler import batch_of, make_req
 from tests.tiny_models import VOCAB
 
 
@@ -52,3 +55,17 @@ def test_out_of_range_values_complete_and_the_scheduler_goes_on(tiny_llama, para
 def test_values_no_request_can_have_are_refused_naming_the_field(params, message):
     with pytest.raises(InvalidRequestError, match=message):
         SamplingParams.from_dict(params)
+
+
+def test_a_row_whose_every_token_is_masked_still_samples_an_id_of_the_vocabulary():
+    """A grammar that no token of the vocabulary can continue masks a whole row: its
+    filtered draw once indexed -1 and killed the scheduler (found by tests/
+    test_server_fuzz.py). The other rows of the batch sample as ever."""
+    vocab = 8
+    reqs = [make_req(temperature=1.0, top_k=5), make_req(temperature=1.0, top_p=0.5)]
+    reqs += [make_req(temperature=1.0, min_p=0.2), make_req(temperature=1.0, top_k=1)]
+    logits = torch.randn(4, vocab)
+    logits[:3] = float("-inf")
+    tokens = sample(logits.clone(), batch_of(reqs, vocab))
+    assert ((tokens >= 0) & (tokens < vocab)).all()
+    assert tokens[3] == logits[3].argmax()

@@ -28,6 +28,7 @@ GREEDY = {"temperature": 0, "ignore_eos": True}
 SERVER_ARGS = dict(device="cpu", max_total_tokens=32768, grammar_backend="none")
 LONG = {**GREEDY, "max_new_tokens": 16000}  # long_llama's context is 16384
 WAIT_S = 60  # bounds on waits and answers that only a hang would reach
+JSON_TYPE = {"Content-Type": "application/json"}
 
 
 @pytest.fixture(scope="module")
@@ -160,10 +161,49 @@ def test_abort_request_ends_a_running_stream_with_abort(url):
     assert post(url, "/abort_request", {"rid": "stop-me"}).status_code == 404
 
 
+def test_abort_of_an_id_spares_requests_whose_ids_merely_start_with_it(url):
+    """`job` once aborted another client's `job-7` too (issue 17): ids match exactly."""
+    body = {"input_ids": [5, 6, 7], "sampling_params": LONG, "stream": True, "rid": "job-7"}
+    with httpx.stream("POST", url + "/generate", json=body, timeout=WAIT_S) as r:
+        events = sse_events(r.iter_lines())
+        next(events)
+        assert post(url, "/abort_request", {"rid": "job"}).status_code == 404
+        assert server_info(url)["running_requests"] == 1
+        next(events)  # job-7 still streams
+        assert post(url, "/abort_request", {"rid": "job-7"}).json() == {"aborted": ["job-7"]}
+        rest = list(events)
+    assert rest[-2]["meta_info"]["finish_reason"]["type"] == "abort"
+
+
+def test_abort_of_an_id_reaches_the_completions_loom_derived_from_it(url):
+    """n > 1 runs one request per completion (rid-0, rid-1): the caller's id stops them all."""
+    params = {**LONG, "n": 2}
+    body = {"input_ids": [5, 6, 7], "sampling_params": params, "stream": True, "rid": "pair"}
+    with httpx.stream("POST", url + "/generate", json=body, timeout=WAIT_S) as r:
+        events = sse_events(r.iter_lines())
+        next(events)
+        aborted = post(url, "/abort_request", {"rid": "pair"})
+        assert aborted.json() == {"aborted": ["pair-0", "pair-1"]}
+        ends = [e for e in events if e != "[DONE]" and e["meta_info"]["finish_reason"]]
+    assert sorted(e["index"] for e in ends) == [0, 1]
+    assert {e["meta_info"]["finish_reason"]["type"] for e in ends} == {"abort"}
+
+
+def test_a_batch_under_one_rid_gets_an_id_per_prompt(url):
+    """Its prompts once shared the one id, and the second's outputs went to the first."""
+    params = {**GREEDY, "max_new_tokens": 2}
+    body = {"input_ids": [[5, 6], [7, 8]], "sampling_params": params, "rid": "both"}
+    results = post(url, "/generate", body).json()
+    assert [r["meta_info"]["id"] for r in results] == ["both-p0", "both-p1"]
+    assert all(len(r["output_ids"]) == 2 for r in results)
+
+
 @pytest.mark.parametrize(
     "body, message",
     [
         (b"{", "not valid JSON"),
+        ({"input_ids": [[5], [6]], "rid": ["twice", "twice"]}, "more than one request"),
+        ({"text": "t5", "return_logprob": "yes"}, "return_logprob"),
         ([1, 2], "JSON object"),
         ({}, "exactly one of"),
         ({"text": "t5", "prompt": "t5"}, "unknown field"),
@@ -178,7 +218,7 @@ def test_abort_request_ends_a_running_stream_with_abort(url):
 )
 def test_bad_requests_get_400_saying_what_to_fix(url, body, message):
     if isinstance(body, bytes):
-        r = httpx.post(url + "/generate", content=body, timeout=WAIT_S)
+        r = httpx.post(url + "/generate", content=body, headers=JSON_TYPE, timeout=WAIT_S)
     else:
         r = post(url, "/generate", body)
     assert r.status_code == 400

@@ -209,7 +209,12 @@ def test_completion_errors_have_status_codes(client, model):
 
 
 def test_malformed_json_body_is_a_400(runtime):
-    r = httpx.post(runtime.url + "/v1/chat/completions", content=b"{nope", timeout=10)
+    r = httpx.post(
+        runtime.url + "/v1/chat/completions",
+        content=b"{nope",
+        headers={"Content-Type": "application/json"},
+        timeout=10,
+    )
     assert r.status_code == 400
     assert "not valid JSON" in r.json()["error"]["message"]
 

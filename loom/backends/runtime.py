@@ -1,6 +1,7 @@
 """Runtime: `loom serve` in a subprocess on a free port, for programs that want a server of
 their own (`loom.Runtime(model_path=...)`). It waits until the server is healthy, and stops
-it at `shutdown()`, at exit, or (through --exit-with-parent) when this process dies."""
+it at `shutdown()`, at exit, or (through --exit-with-parent) when this process dies. An
+`api_key=` reaches the server in its environment and is sent by `runtime.endpoint`."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import tempfile
 import time
 
 from loom.backends.runtime_endpoint import RuntimeEndpoint
-from loom.runtime.args import ServerArgs
+from loom.runtime.args import API_KEY_ENV, ServerArgs
 
 LOG_TAIL_CHARS = 4000
 
@@ -36,6 +37,7 @@ class Runtime:
         self.log_path = self._log.name
         self.process = subprocess.Popen(
             [sys.executable, "-m", "loom.serve", *cli_flags(self.args), "--exit-with-parent"],
+            env=_server_env(self.args.api_key),
             stdout=self._log,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
@@ -51,7 +53,7 @@ class Runtime:
     @property
     def endpoint(self) -> RuntimeEndpoint:
         if self._endpoint is None:
-            self._endpoint = RuntimeEndpoint(self.url)
+            self._endpoint = RuntimeEndpoint(self.url, api_key=self.args.api_key)
         return self._endpoint
 
     def _wait_healthy(self, timeout: float) -> None:
@@ -111,11 +113,20 @@ def cli_flags(args: ServerArgs) -> list[str]:
     flags: list[str] = []
     for f in dataclasses.fields(args):
         value = getattr(args, f.name)
-        if value == f.default or value is None:
+        if value == f.default or value is None or f.name == "api_key":  # see _server_env
             continue
         flag = "--" + f.name.replace("_", "-")
         flags += [flag] if value is True else [flag, str(value)]
     return flags
+
+
+def _server_env(api_key: str | None) -> dict[str, str]:
+    """The server's environment: ours, and the API key if one is given. A flag would show
+    the key to every local user in the process list (/proc/<pid>/cmdline)."""
+    env = dict(os.environ)
+    if api_key:
+        env[API_KEY_ENV] = api_key
+    return env
 
 
 def _url_host(host: str) -> str:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import http.client
 import json
+import os
 import ssl
 import threading
 import urllib.parse
@@ -17,6 +18,7 @@ import weakref
 from collections.abc import Iterator
 from typing import Any
 
+from loom.runtime.args import API_KEY_ENV
 from loom.runtime.sampling_params import InvalidRequestError
 
 HEALTH_TIMEOUT = 5.0
@@ -60,7 +62,9 @@ class _HTTPSConnection(_HTTPConnection, http.client.HTTPSConnection):
 
 
 class RuntimeEndpoint:
-    def __init__(self, url: str, timeout: float | None = None):
+    def __init__(self, url: str, timeout: float | None = None, api_key: str | None = None):
+        """`api_key`: sent as `Authorization: Bearer <key>` on every request, for a server
+        started with --api-key; None reads $LOOM_API_KEY (unset: no key is sent)."""
         self.url = url.rstrip("/")
         parts = urllib.parse.urlsplit(self.url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
@@ -70,6 +74,8 @@ class RuntimeEndpoint:
         self._port = parts.port
         self._prefix = parts.path
         self._timeout = timeout
+        key = api_key if api_key is not None else os.environ.get(API_KEY_ENV)
+        self._auth = {"Authorization": f"Bearer {key}"} if key else {}
         self._local = threading.local()
         self._lock = threading.Lock()
         self._connections: weakref.WeakSet[_HTTPConnection] = weakref.WeakSet()
@@ -130,7 +136,7 @@ class RuntimeEndpoint:
     def health(self, timeout: float = HEALTH_TIMEOUT) -> bool:
         conn = self._new_connection(timeout)
         try:
-            conn.request("GET", self._prefix + "/health")
+            conn.request("GET", self._prefix + "/health", headers=self._auth)
             return conn.getresponse().status == 200
         except (OSError, http.client.HTTPException):
             return False
@@ -162,7 +168,7 @@ class RuntimeEndpoint:
         closed the reused one. After any error the connection is closed, not checked in."""
         conn = self._checkout()
         data = None if body is None else json.dumps(body).encode()
-        headers = JSON_HEADERS if data is not None else {}
+        headers = {**self._auth, **(JSON_HEADERS if data is not None else {})}
         reused = conn.sock is not None
         try:
             try:
@@ -216,4 +222,6 @@ def _raise_for_error(status: int, data: bytes) -> None:
         message = text
     if status == 400:
         raise InvalidRequestError(message)
+    if status == 401:
+        message += f" (RuntimeEndpoint sends the key given as api_key=, else ${API_KEY_ENV})"
     raise RuntimeEndpointError(status, message)

@@ -8,6 +8,10 @@ import types
 import typing
 from dataclasses import dataclass, field
 
+# Where `loom serve` and loom's clients (RuntimeEndpoint, Runtime) read the API key when
+# no argument gives it: an environment variable stays out of the process list.
+API_KEY_ENV = "LOOM_API_KEY"
+
 
 def _arg(default, help: str, choices: tuple | None = None):
     return field(default=default, metadata={"help": help, "choices": choices})
@@ -86,6 +90,16 @@ class ServerArgs:
     random_seed: int | None = _arg(None, "seed for requests that give none")
     log_level: str = _arg("info", "logging level", ("debug", "info", "warning", "error"))
     watchdog_timeout: float = _arg(300.0, "seconds one forward step may take before it is a hang")
+    api_key: str | None = _arg(
+        None,
+        "require `Authorization: Bearer <key>` on every route but /health, /health_generate "
+        "and /metrics; LOOM_API_KEY sets it too, and keeps it out of the process list",
+    )
+    max_request_body_bytes: int = _arg(
+        32 * 2**20,
+        "answer 413 to a larger request body (32 MiB holds a 1M-token prompt as text, "
+        "\\u-escaped text or token ids)",
+    )
 
     def __post_init__(self) -> None:
         if self.schedule_conservativeness <= 0:
@@ -98,6 +112,8 @@ class ServerArgs:
             raise ValueError("max_running_requests must be at least 1")
         if self.grammar_mask_threads is not None and self.grammar_mask_threads < 1:
             raise ValueError("grammar_mask_threads must be at least 1")
+        if self.max_request_body_bytes < 1:
+            raise ValueError("max_request_body_bytes must be at least 1")
 
     @classmethod
     def from_kwargs(cls, **kwargs) -> ServerArgs:

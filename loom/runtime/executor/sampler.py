@@ -109,9 +109,12 @@ def sample(logits: torch.Tensor, sb: SamplingBatch) -> torch.Tensor:
         sorted_probs, order = filter_probs(probs, sb.top_ks, sb.top_ps, sb.min_ps)
         picked = _draw(sorted_probs, u)
         # searchsorted can land on a zeroed (filtered) entry only through rounding at its
-        # edge: step back to the last kept token then.
+        # edge: step back to the last kept token then. A row that keeps none (a grammar
+        # no token can continue masks it all, its probabilities NaN) takes its first:
+        # the grammar then refuses it, and that request alone is aborted.
         kept = sorted_probs.gather(1, picked[:, None]).squeeze(-1) > 0
-        picked = torch.where(kept, picked, (sorted_probs > 0).sum(-1) - 1)
+        last_kept = ((sorted_probs > 0).sum(-1) - 1).clamp_min_(0)
+        picked = torch.where(kept, picked, last_kept)
         filters = (sb.top_ks < probs.shape[-1]) | (sb.top_ps < 1) | (sb.min_ps > 0)
         sampled = torch.where(filters, order.gather(1, picked[:, None]).squeeze(-1), sampled)
     return torch.where(sb.temperatures == 0, greedy, sampled)

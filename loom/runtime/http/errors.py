@@ -4,7 +4,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 
 from fastapi import FastAPI, Request
@@ -26,10 +25,11 @@ class APIError(Exception):
     def __init__(
         self, status: int, message: str, param: str | None = None, code: str | None = None
     ):
+        message = _encodable(message)
         super().__init__(message)
         self.status = status
         self.message = message
-        self.param = param
+        self.param = None if param is None else _encodable(param)
         self.code = code
 
     def body(self) -> dict:
@@ -39,6 +39,12 @@ class APIError(Exception):
 
     def response(self) -> JSONResponse:
         return JSONResponse(self.body(), status_code=self.status)
+
+
+def _encodable(text: str) -> str:
+    """A message may quote the request: a lone surrogate in it would fail to encode the
+    response (a 500 instead of this error), so it is written as its escape."""
+    return text.encode("utf-8", "backslashreplace").decode()
 
 
 class ClientDisconnected(Exception):
@@ -70,20 +76,6 @@ def validation_error(exc: ValidationError | RequestValidationError) -> APIError:
     more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
     param = ".".join(str(x) for x in problems[0]["loc"]) if problems else None
     return APIError(400, "invalid request: " + "; ".join(parts) + more, param=param)
-
-
-async def read_json(request: Request) -> dict:
-    """The body as a JSON object, or a 400 saying what is wrong with it."""
-    raw = await request.body()
-    try:
-        body = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise APIError(400, f"the request body is not valid JSON ({e}); send a JSON object") from e
-    except RecursionError as e:
-        raise as_api_error(e) from e
-    if not isinstance(body, dict):
-        raise APIError(400, f"the request body must be a JSON object, got {type(body).__name__}")
-    return body
 
 
 def install_error_handlers(app: FastAPI) -> None:

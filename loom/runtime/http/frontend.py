@@ -1,18 +1,21 @@
 """What every HTTP endpoint shares on its way to the tokenizer manager: validation errors
-as 4xx, the queue cap (503), aborting a request the moment its client disconnects, turning
-scheduler-side aborts into errors, metrics, and server-sent events.
+as 4xx, the queue cap (503), aborting a request the moment its client disconnects or by
+its id, turning scheduler-side aborts into errors, metrics, and server-sent events.
 
-Everything here runs on the tokenizer manager's event loop: uvicorn serves on the Engine's
-loop, so a handler awaits the manager directly, with no thread hop per token.
+This runs on the tokenizer manager's event loop: uvicorn serves on the Engine's loop, so a
+handler awaits the manager directly, with no thread hop per token. The one exception is a
+request's preparation (tokenizing, chat templates, schema checks), whose cost grows with
+its input: it runs on worker threads (`off_loop`), so a 20 MB prompt does not hold up
+/health or the tokens streamed to other clients.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
-import re
 import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -21,10 +24,14 @@ from fastapi import Request
 from loom.runtime.http.errors import APIError, ClientDisconnected, as_api_error
 from loom.runtime.http.metrics import ServerMetrics
 from loom.runtime.messages import ServerInfo
-from loom.runtime.tokenizer.inputs import GenerateInput, Item
+from loom.runtime.tokenizer.inputs import GenerateInput, Item, expand
 from loom.runtime.tokenizer.manager import TokenizerManager
 
 T = TypeVar("T")
+
+# Workers preparing requests. The tokenizer releases the GIL while it encodes, so several
+# prompts are tokenized at once on as many cores; more would only queue on the cores.
+PREPARE_THREADS = 4
 
 
 @dataclass(eq=False)
@@ -38,6 +45,35 @@ class Prepared:
     release: Callable[[], None]
 
 
+class InFlightNames:
+    """The completions in flight under each id they answer to (Item.names): what
+    POST /abort_request reaches. Exact ids only, so one client's `job` never reaches
+    another's `job-7`. An id belongs to one request at a time."""
+
+    def __init__(self) -> None:
+        self._rids: dict[str, set[str]] = {}
+
+    def taken(self, items: list[Item]) -> str | None:
+        """The first id of `items` that a request in flight already answers to."""
+        return next((n for item in items for n in item.names if n in self._rids), None)
+
+    def add(self, items: list[Item]) -> None:
+        for item in items:
+            for name in item.names:
+                self._rids.setdefault(name, set()).add(item.request.rid)
+
+    def remove(self, items: list[Item]) -> None:
+        for item in items:
+            for name in item.names:
+                rids = self._rids.get(name, set())
+                rids.discard(item.request.rid)
+                if not rids:
+                    self._rids.pop(name, None)
+
+    def rids(self, name: str) -> list[str]:
+        return sorted(self._rids.get(name, ()))
+
+
 class Frontend:
     def __init__(self, manager: TokenizerManager, max_running: int, max_queued: int | None):
         self.manager = manager
@@ -47,19 +83,42 @@ class Frontend:
         self.in_flight = 0
         self.capacity = None if max_queued is None else max_running + max_queued
         self.max_queued = max_queued
+        self.names = InFlightNames()
         self.client_aborted: set[str] = set()  # rids stopped through POST /abort_request
+        self.preparing = 0  # requests on the workers now
+        self.workers = ThreadPoolExecutor(PREPARE_THREADS, thread_name_prefix="loom-prepare")
+        # Workers share the tokenizer: concurrent encodes only read it, unless a call must
+        # first clear a truncation or padding its file set. One call here clears them;
+        # nothing later sets them (chat_template_kwargs may not: openai_api).
+        manager.tokenizer("")
 
     @property
     def dead(self) -> str | None:
         return self.manager.dead
 
-    def prepare(self, obj: GenerateInput, admit: bool = True) -> Prepared:
-        """Validate and tokenize; raises APIError (400 bad input, 503 dead or full).
-        admit=False: not held to the queue cap (health checks)."""
+    def close(self) -> None:
+        self.workers.shutdown(wait=False, cancel_futures=True)
+
+    async def off_loop(self, fn: Callable[..., T], *args) -> T:
+        """fn(*args) on a worker thread: for work that grows with a request's input."""
+        self.preparing += 1
         try:
-            items, is_batch = self.manager.prepare(obj)
+            return await asyncio.get_running_loop().run_in_executor(self.workers, fn, *args)
+        finally:
+            self.preparing -= 1
+
+    async def prepare(self, obj: GenerateInput, admit: bool = True) -> Prepared:
+        """Validate and tokenize (off the loop); raises APIError (400 bad input, 503 dead or
+        full). admit=False: not held to the queue cap (health checks)."""
+        try:
+            self.manager.check_alive()  # before the work, not only after it
+            items, is_batch = await self.off_loop(expand, obj, self.manager.limits)
+            self.manager.check_new(items)
         except Exception as e:  # noqa: BLE001 - mapped to the right status
             raise as_api_error(e) from e
+        taken = self.names.taken(items)
+        if taken is not None:
+            raise APIError(400, f"request id {taken!r} is already in flight", param="rid")
         if admit and self.capacity is not None and self.in_flight + len(items) > self.capacity:
             raise APIError(
                 503,
@@ -69,20 +128,23 @@ class Frontend:
             )
         # Counted from admission on, so requests arriving together cannot all slip under
         # the cap; released when the request ends, or, if its response never starts (the
-        # client left first), when the Prepared is dropped.
+        # client left first), when the Prepared is dropped. The count and the names are
+        # the loop's: a Prepared collected on a worker thread is released on the loop.
         self.in_flight += len(items)
-        prepared = Prepared(obj, items, is_batch, self._releaser(len(items)))
-        weakref.finalize(prepared, prepared.release)
+        self.names.add(items)
+        prepared = Prepared(obj, items, is_batch, self._releaser(items))
+        weakref.finalize(prepared, _call_on, asyncio.get_running_loop(), prepared.release)
         return prepared
 
-    def _releaser(self, count: int) -> Callable[[], None]:
+    def _releaser(self, items: list[Item]) -> Callable[[], None]:
         released = False
 
         def release() -> None:
             nonlocal released
             if not released:
                 released = True
-                self.in_flight -= count
+                self.in_flight -= len(items)
+                self.names.remove(items)
 
         return release
 
@@ -116,10 +178,9 @@ class Frontend:
             raise APIError(400, reason.get("message") or "the request was aborted")
 
     def abort(self, rid: str) -> list[str]:
-        """Abort the request `rid` (all its completions: n > 1 and batches name them
-        rid-j, rid-pI, rid-pI-j); returns the rids hit."""
-        own = re.compile(re.escape(rid) + r"(-p\d+)?(-\d+)?")
-        hit = [r for r in list(self.manager.states) if own.fullmatch(r)]
+        """Abort the request `rid`: the completions that answer to it (Item.names: its own
+        and those loom derived from it for n > 1 and batches); returns the rids hit."""
+        hit = [r for r in self.names.rids(rid) if r in self.manager.states]
         for r in hit:
             self.client_aborted.add(r)
             self.manager.abort(r)
@@ -130,6 +191,11 @@ class Frontend:
             return await self.manager.server_info()
         except Exception as e:  # noqa: BLE001 - mapped to the right status
             raise as_api_error(e) from e
+
+
+def _call_on(loop: asyncio.AbstractEventLoop, fn: Callable[[], None]) -> None:
+    if not loop.is_closed():
+        loop.call_soon_threadsafe(fn)
 
 
 async def _first(agen: AsyncIterator[T]) -> T:

@@ -33,20 +33,23 @@ def run_server(args: ServerArgs, exit_with_parent: bool = False) -> int:
     import uvicorn
 
     from loom.runtime.engine import Engine
+    from loom.runtime.http.guard import configured_api_key
     from loom.runtime.http.server import create_app, served_model_name
 
     sock = bind_socket(args.host, args.port)  # fail fast, before loading a model
     stopper = _Stopper()
     stopper.install(exit_with_parent)
+    api_key = configured_api_key(args.api_key)
     engine = None
     try:
         try:
-            engine = Engine(**dataclasses.asdict(args))
+            # The key stays in this process: the Engine's children have no use for it.
+            engine = Engine(**dataclasses.asdict(dataclasses.replace(args, api_key=None)))
         except Exception as e:  # noqa: BLE001 - a start-up failure is reported, not a crash
             logger.error("loom serve cannot start: %s: %s", type(e).__name__, e)
             return 1
         config = uvicorn.Config(
-            create_app(engine),
+            create_app(engine, api_key),
             log_level=args.log_level,
             access_log=args.log_level == "debug",
             timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
@@ -62,6 +65,8 @@ def run_server(args: ServerArgs, exit_with_parent: bool = False) -> int:
             engine.info.max_total_tokens,
             engine.info.context_length,
         )
+        if api_key is None:
+            logger.info("no API key: any process that reaches the port may use every route")
         future = asyncio.run_coroutine_threadsafe(server.serve(sockets=[sock]), engine.loop)
         _wait(future)
         return 0

@@ -1,11 +1,14 @@
 """The OpenAI-compatible API: /v1/models, /v1/completions, /v1/chat/completions.
 
 Prompts are tokenized here (chat: with the model's chat template or --chat-template), so
-max_tokens is checked against the context length before anything is scheduled.
+max_tokens is checked against the context length before anything is scheduled. A body
+becomes a GenerateInput on a worker thread (`Frontend.off_loop`): parsing, templates and
+tokenizing grow with the input, and the event loop serves everyone else meanwhile.
 """
 
 from __future__ import annotations
 
+import inspect
 import time
 import uuid
 from typing import TypeVar
@@ -16,7 +19,8 @@ from pydantic import BaseModel, ValidationError
 
 from loom.runtime.engine import Engine
 from loom.runtime.http import openai_format as fmt
-from loom.runtime.http.errors import APIError, read_json, validation_error
+from loom.runtime.http.body import read_json
+from loom.runtime.http.errors import APIError, validation_error
 from loom.runtime.http.frontend import Frontend, sse
 from loom.runtime.http.openai_protocol import (
     ChatCompletionRequest,
@@ -36,6 +40,7 @@ class OpenAIServing:
         self.model_name = model_name
         self.context_len = engine.info.context_length
         self.chat_template = _read_template(engine.args.chat_template)
+        self.template_call_args = _parameters(self.tokenizer.apply_chat_template)
         self.created = int(time.time())
 
     def models(self) -> dict:
@@ -59,21 +64,9 @@ class OpenAIServing:
 
     # ---- completions --------------------------------------------------------------------
 
-    async def completions(self, req: CompletionRequest, request: Request) -> Response | dict:
-        self.check_model(req.model)
-        reject_unsupported(req)
-        prompts, is_batch = self._completion_prompts(req.prompt)
-        params = [sampling_params(req, self._max_new(req.max_tokens, len(p))) for p in prompts]
-        obj = GenerateInput(
-            input_ids=prompts if is_batch else prompts[0],
-            sampling_params=params if is_batch else params[0],
-            rid=_rids(req.rid, len(prompts), is_batch),
-            return_logprob=req.logprobs is not None,
-            top_logprobs_num=req.logprobs or 0,
-            return_text_in_logprobs=True,
-            stream=req.stream,
-        )
-        prepared = self.frontend.prepare(obj)
+    async def completions(self, body: dict, request: Request) -> Response | dict:
+        req, obj = await self.frontend.off_loop(self.completion_input, body)
+        prepared = await self.frontend.prepare(obj)
         reply = fmt.Reply(_response_id("cmpl", req.rid), self.model_name, req.n, obj.return_logprob)
         if req.stream:
             events = fmt.completion_stream(
@@ -82,6 +75,23 @@ class OpenAIServing:
             return StreamingResponse(sse(events), media_type="text/event-stream")
         results = await self.frontend.result(prepared, request)
         return fmt.completion_response(_as_list(results), reply)
+
+    def completion_input(self, body: dict) -> tuple[CompletionRequest, GenerateInput]:
+        req = _parse(CompletionRequest, body)
+        self.check_model(req.model)
+        reject_unsupported(req)
+        prompts, is_batch = self._completion_prompts(req.prompt)
+        params = [sampling_params(req, self._max_new(req.max_tokens, len(p))) for p in prompts]
+        obj = GenerateInput(
+            input_ids=prompts if is_batch else prompts[0],
+            sampling_params=params if is_batch else params[0],
+            rid=req.rid,  # a batch's prompts are rid-p0, rid-p1, ... (inputs.expand)
+            return_logprob=req.logprobs is not None,
+            top_logprobs_num=req.logprobs or 0,
+            return_text_in_logprobs=True,
+            stream=req.stream,
+        )
+        return req, obj
 
     def _completion_prompts(self, prompt) -> tuple[list[list[int]], bool]:
         if isinstance(prompt, str):
@@ -117,7 +127,19 @@ class OpenAIServing:
 
     # ---- chat ---------------------------------------------------------------------------
 
-    async def chat(self, req: ChatCompletionRequest, request: Request) -> Response | dict:
+    async def chat(self, body: dict, request: Request) -> Response | dict:
+        req, obj = await self.frontend.off_loop(self.chat_input, body)
+        prepared = await self.frontend.prepare(obj)
+        reply = fmt.Reply(_response_id("chatcmpl", req.rid), self.model_name, req.n, req.logprobs)
+        if req.stream:
+            chunks = self.frontend.chunks(prepared)
+            events = fmt.chat_stream(chunks, reply, req.n, req.include_usage())
+            return StreamingResponse(sse(events), media_type="text/event-stream")
+        results = await self.frontend.result(prepared, request)
+        return fmt.chat_response(_as_list(results), reply)
+
+    def chat_input(self, body: dict) -> tuple[ChatCompletionRequest, GenerateInput]:
+        req = _parse(ChatCompletionRequest, body)
         self.check_model(req.model)
         reject_unsupported(req)
         ids = self._render_chat(req)
@@ -132,14 +154,7 @@ class OpenAIServing:
             return_text_in_logprobs=True,
             stream=req.stream,
         )
-        prepared = self.frontend.prepare(obj)
-        reply = fmt.Reply(_response_id("chatcmpl", req.rid), self.model_name, req.n, req.logprobs)
-        if req.stream:
-            chunks = self.frontend.chunks(prepared)
-            events = fmt.chat_stream(chunks, reply, req.n, req.include_usage())
-            return StreamingResponse(sse(events), media_type="text/event-stream")
-        results = await self.frontend.result(prepared, request)
-        return fmt.chat_response(_as_list(results), reply)
+        return req, obj
 
     def _render_chat(self, req: ChatCompletionRequest) -> list[int]:
         template = self.chat_template or getattr(self.tokenizer, "chat_template", None)
@@ -148,6 +163,15 @@ class OpenAIServing:
                 400,
                 "this model has no chat template: start the server with --chat-template FILE, "
                 "or send a plain prompt to /v1/completions",
+            )
+        template_kwargs = req.chat_template_kwargs or {}
+        clash = sorted(set(template_kwargs) & self.template_call_args)
+        if clash:
+            raise APIError(
+                400,
+                f"chat_template_kwargs may not set {clash}: those are arguments of the "
+                "tokenizer's call (loom sets them), not variables of the template",
+                param="chat_template_kwargs",
             )
         conversation = [
             {"role": "system" if m.role == "developer" else m.role, "content": m.text()}
@@ -161,7 +185,7 @@ class OpenAIServing:
                 continue_final_message=req.continue_final_message,
                 tokenize=True,
                 return_dict=False,
-                **(req.chat_template_kwargs or {}),
+                **template_kwargs,
             )
         except Exception as e:  # noqa: BLE001 - a template rejecting the conversation
             raise APIError(400, f"the chat template cannot render these messages: {e}") from e
@@ -177,13 +201,11 @@ def add_openai_routes(app: FastAPI, engine: Engine, frontend: Frontend, model_na
 
     @app.post("/v1/completions")
     async def completions(request: Request):
-        req = _parse(CompletionRequest, await read_json(request))
-        return await serving.completions(req, request)
+        return await serving.completions(await read_json(request), request)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
-        req = _parse(ChatCompletionRequest, await read_json(request))
-        return await serving.chat(req, request)
+        return await serving.chat(await read_json(request), request)
 
 
 def _parse(model: type[M], body: dict) -> M:
@@ -193,17 +215,19 @@ def _parse(model: type[M], body: dict) -> M:
         raise validation_error(e) from e
 
 
+def _parameters(fn) -> frozenset[str]:
+    """fn's named parameters. For apply_chat_template: what chat_template_kwargs must not
+    override (padding or truncation would also change the tokenizer the workers share)."""
+    named = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    params = inspect.signature(fn).parameters.values()
+    return frozenset(p.name for p in params if p.kind in named)
+
+
 def _read_template(path: str | None) -> str | None:
     if path is None:
         return None
     with open(path, encoding="utf-8") as f:
         return f.read()
-
-
-def _rids(rid: str | None, count: int, is_batch: bool) -> str | list[str] | None:
-    if rid is None or not is_batch:
-        return rid
-    return [f"{rid}-p{i}" for i in range(count)]
 
 
 def _response_id(prefix: str, rid: str | None) -> str:

@@ -18,8 +18,10 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 import loom
 from loom.runtime.engine import Engine
-from loom.runtime.http.errors import APIError, install_error_handlers, read_json
+from loom.runtime.http.body import read_json
+from loom.runtime.http.errors import APIError, install_error_handlers
 from loom.runtime.http.frontend import Frontend, sse
+from loom.runtime.http.guard import Guard
 from loom.runtime.http.metrics import CONTENT_TYPE, tokens_in_use
 from loom.runtime.tokenizer.inputs import GenerateInput
 
@@ -32,7 +34,10 @@ def served_model_name(engine: Engine) -> str:
     return args.served_model_name or args.model_path or os.path.basename(engine.model_folder)
 
 
-def create_app(engine: Engine) -> FastAPI:
+def create_app(engine: Engine, api_key: str | None = None) -> FastAPI:
+    """`api_key`: what every route but the health checks and /metrics requires (guard.py).
+    Given here, not in engine.args, so it never reaches the Engine's child processes nor
+    /server_info."""
     frontend = Frontend(
         engine.manager, engine.info.max_running_requests, engine.args.max_queued_requests
     )
@@ -42,10 +47,12 @@ def create_app(engine: Engine) -> FastAPI:
         if asyncio.get_running_loop() is not engine.loop:
             raise RuntimeError("serve this app on engine.loop (see loom.runtime.http.launch)")
         yield
+        frontend.close()
 
     app = FastAPI(title="loom", version=loom.__version__, lifespan=lifespan)
     app.state.engine = engine
     app.state.frontend = frontend
+    app.add_middleware(Guard, api_key=api_key, max_body_bytes=engine.args.max_request_body_bytes)
     install_error_handlers(app)
     _add_native_routes(app, engine, frontend)
     from loom.runtime.http.openai_api import add_openai_routes
@@ -57,7 +64,7 @@ def create_app(engine: Engine) -> FastAPI:
 def _add_native_routes(app: FastAPI, engine: Engine, frontend: Frontend) -> None:
     @app.post("/generate")
     async def generate(request: Request) -> Response:
-        prepared = frontend.prepare(generate_input(await read_json(request)))
+        prepared = await frontend.prepare(generate_input(await read_json(request)))
         if prepared.obj.stream:
             return StreamingResponse(sse(frontend.chunks(prepared)), media_type="text/event-stream")
         return JSONResponse(await frontend.result(prepared, request))
@@ -72,14 +79,8 @@ def _add_native_routes(app: FastAPI, engine: Engine, frontend: Frontend) -> None
     async def health_generate(request: Request) -> Response:
         if frontend.dead is not None:
             return _dead_response(frontend.dead)
-        obj = GenerateInput(
-            input_ids=[0],
-            sampling_params={"max_new_tokens": 1, "temperature": 0},
-            rid=f"health-{uuid.uuid4().hex}",
-        )
-        work = frontend.result(frontend.prepare(obj, admit=False), request)
         try:
-            await asyncio.wait_for(work, HEALTH_GENERATE_TIMEOUT)
+            await asyncio.wait_for(_generate_one_token(frontend, request), HEALTH_GENERATE_TIMEOUT)
         except asyncio.TimeoutError as e:
             raise APIError(
                 503, f"generating one token took over {HEALTH_GENERATE_TIMEOUT:.0f}s"
@@ -108,10 +109,11 @@ def _add_native_routes(app: FastAPI, engine: Engine, frontend: Frontend) -> None
             "version": loom.__version__,
             "served_model_name": served_model_name(engine),
             "model_folder": engine.model_folder,
-            "args": dataclasses.asdict(engine.args),
+            "args": _shown_args(engine),
             **dataclasses.asdict(info),
             "tokens_in_use": tokens_in_use(info),
             "in_flight_requests": frontend.in_flight,
+            "preparing_requests": frontend.preparing,
             "process_ids": {"server": os.getpid(), **engine.process_ids},
         }
 
@@ -141,6 +143,15 @@ def _add_native_routes(app: FastAPI, engine: Engine, frontend: Frontend) -> None
         return Response(body, media_type=CONTENT_TYPE)
 
 
+async def _generate_one_token(frontend: Frontend, request: Request) -> None:
+    obj = GenerateInput(
+        input_ids=[0],
+        sampling_params={"max_new_tokens": 1, "temperature": 0},
+        rid=f"health-{uuid.uuid4().hex}",
+    )
+    await frontend.result(await frontend.prepare(obj, admit=False), request)
+
+
 def generate_input(body: dict) -> GenerateInput:
     """A /generate body -> GenerateInput, with 400s for fields the Engine would misread."""
     unknown = sorted(set(body) - set(_GENERATE_FIELDS))
@@ -155,6 +166,14 @@ def generate_input(body: dict) -> GenerateInput:
     ):
         raise APIError(400, "`rid` must be a string (or a list of them for a batch)", param="rid")
     return GenerateInput(**body)
+
+
+def _shown_args(engine: Engine) -> dict:
+    """The server's arguments, less the API key (create_app keeps it out of engine.args;
+    an Engine built with one by hand must not show it either)."""
+    args = dataclasses.asdict(engine.args)
+    args.pop("api_key", None)
+    return args
 
 
 def _dead_response(reason: str) -> Response:

@@ -6,6 +6,7 @@ so a bad request never touches its state.
 
 from __future__ import annotations
 
+import collections
 import uuid
 from dataclasses import dataclass
 from typing import Any
@@ -31,11 +32,16 @@ class GenerateInput:
 
 @dataclass
 class Item:
-    """One completion: `index` is its place in the caller's (flattened) result list."""
+    """One completion: `index` is its place in the caller's (flattened) result list.
+    `names` are the ids it is known by, outermost first, ending with its own
+    (request.rid): the caller's rid, then those loom derived from it for a batch
+    (`rid-p<i>`) and for n > 1 (`...-<j>`). Aborting any of them aborts it; no other
+    request answers to them."""
 
     index: int
     request: GenerateRequest
     return_text_in_logprobs: bool
+    names: tuple[str, ...]
 
 
 class InputLimits:
@@ -51,26 +57,48 @@ def expand(obj: GenerateInput, limits: InputLimits) -> tuple[list[Item], bool]:
     prompts, is_batch = _prompts(obj, limits.tokenizer)
     count = len(prompts)
     params = _per_prompt(obj.sampling_params, count, "sampling_params", default=None)
-    rids = _per_prompt(obj.rid, count, "rid", default=None)
+    names = _prompt_names(obj.rid, count, is_batch)
     logprob = _per_prompt(obj.return_logprob, count, "return_logprob", default=False)
     starts = _per_prompt(obj.logprob_start_len, count, "logprob_start_len", default=-1)
     tops = _per_prompt(obj.top_logprobs_num, count, "top_logprobs_num", default=0)
+    if not all(isinstance(flag, bool) for flag in logprob):
+        raise InvalidRequestError("return_logprob must be true or false (or a list of them)")
     items: list[Item] = []
     for i, ids in enumerate(prompts):
         _check_prompt(ids, limits, i if is_batch else None)
         sp = _sampling(params[i], limits)
         _check_logprob_args(starts[i], tops[i], len(ids))
-        if rids[i] is not None and not (isinstance(rids[i], str) and is_valid_unicode(rids[i])):
-            raise InvalidRequestError("`rid` must be a string of valid Unicode")
-        base = rids[i] or uuid.uuid4().hex
         for j in range(sp.n):
             copy = sp if sp.n == 1 else SamplingParams(**{**sp.to_dict(), "n": 1})
             if sp.n > 1 and sp.seed is not None:
                 copy.seed = sp.seed + j  # distinct yet reproducible completions
-            rid = base if sp.n == 1 else f"{base}-{j}"
-            req = GenerateRequest(rid, ids, copy, bool(logprob[i]), starts[i], tops[i], obj.stream)
-            items.append(Item(len(items), req, obj.return_text_in_logprobs))
+            own = names[i] if sp.n == 1 else (*names[i], f"{names[i][-1]}-{j}")
+            req = GenerateRequest(own[-1], ids, copy, logprob[i], starts[i], tops[i], obj.stream)
+            items.append(Item(len(items), req, obj.return_text_in_logprobs, own))
+    _check_unique([item.request.rid for item in items])
     return items, is_batch or len(items) > 1  # n > 1 also answers with a list
+
+
+def _prompt_names(rid: Any, count: int, is_batch: bool) -> list[tuple[str, ...]]:
+    """Per prompt, the ids that name it: the caller's own for each prompt, or one for the
+    whole batch and `rid-p<i>` derived from it; a fresh uuid where none is given."""
+    rids = rid if isinstance(rid, list) else [rid]
+    if not all(r is None or (isinstance(r, str) and is_valid_unicode(r)) for r in rids):
+        raise InvalidRequestError("`rid` must be a string of valid Unicode (or a list of them)")
+    if isinstance(rid, list):
+        if len(rid) != count:
+            raise InvalidRequestError(f"`rid` has {len(rid)} entries for {count} prompts")
+        return [(r or uuid.uuid4().hex,) for r in rid]
+    base = rid or uuid.uuid4().hex
+    if not is_batch:
+        return [(base,)]
+    return [(base, f"{base}-p{i}") for i in range(count)]
+
+
+def _check_unique(rids: list[str]) -> None:
+    twice = sorted(r for r, count in collections.Counter(rids).items() if count > 1)
+    if twice:
+        raise InvalidRequestError(f"`rid` names more than one request {twice}; make each unique")
 
 
 def _prompts(obj: GenerateInput, tokenizer) -> tuple[list[list[int]], bool]:

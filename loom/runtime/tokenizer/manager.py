@@ -73,13 +73,22 @@ class TokenizerManager:
 
     def prepare(self, obj: GenerateInput) -> tuple[list[Item], bool]:
         """Validate (raises InvalidRequestError) without sending anything."""
+        self.check_alive()
+        items, is_batch = expand(obj, self.limits)
+        self.check_new(items)
+        return items, is_batch
+
+    def check_alive(self) -> None:
         if self.dead is not None:
             raise SchedulerDeadError(self.dead)
-        items, is_batch = expand(obj, self.limits)
+
+    def check_new(self, items: list[Item]) -> None:
+        """Raises unless expanded items may be sent now: the scheduler lives and none of
+        their ids is in flight."""
+        self.check_alive()
         for item in items:
             if item.request.rid in self.states:
                 raise InvalidRequestError(f"request id {item.request.rid!r} is already in flight")
-        return items, is_batch
 
     async def generate(
         self, obj: GenerateInput, prepared: tuple[list[Item], bool] | None = None
