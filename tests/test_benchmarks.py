@@ -195,7 +195,6 @@ def test_bench_json_replay_forces_the_recorded_outputs(tiny_chat_llama):
     args = ServerArgs(device="cpu", max_total_tokens=2048, grammar_backend="xgrammar")
     sched = Scheduler(args, tiny_chat_llama)
     try:
-        stop = min(sched.eos_ids)
         walks = bench_json.replayed(sched, [bench_json.PERSON], 2)
         reqs = bench_json.make_requests(sched.tokenizer, [bench_json.PERSON], 2, max_new=12)
         run = bench_json.run_once(sched, "json", reqs, 2, walks)

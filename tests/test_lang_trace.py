@@ -5,6 +5,7 @@ from __future__ import annotations
 import loom
 from loom.lang.chat_template import PLAIN
 from loom.lang.executor import RunContext
+from loom.lang.interpreter import execute
 from loom.lang.program import render_constant
 from tests.lang_fakes import FakeBackend
 
@@ -56,7 +57,7 @@ def test_prefix_edges_chain_the_text_and_variable_edges_link_reads():
 
 def test_constant_prefix_stops_at_the_first_argument():
     graph = few_shot.trace()
-    ctx = RunContext(FakeBackend(), PLAIN)
+    ctx = RunContext(FakeBackend(), PLAIN, run=execute)
     assert render_constant(ctx, graph.constant_prefix()) == (
         "System: You answer in one word.\n\nQ: 2+2?\nA: 4\nUser: Q: "
     )
@@ -64,7 +65,7 @@ def test_constant_prefix_stops_at_the_first_argument():
 
 def test_concrete_arguments_extend_the_constant_prefix():
     graph = few_shot.trace(question="3+3?")
-    ctx = RunContext(FakeBackend(), PLAIN)
+    ctx = RunContext(FakeBackend(), PLAIN, run=execute)
     assert render_constant(ctx, graph.constant_prefix()).endswith("User: Q: 3+3?\nAssistant: ")
     assert graph.find("arg") == []
 

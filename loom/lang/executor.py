@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import threading
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,6 +28,9 @@ class RunContext:
     roles: RoleTemplate
     defaults: dict = field(default_factory=dict)  # the run's sampling parameters
     program: str = "program"
+    # What an expression does to a state (interpreter.execute): handed in by whoever
+    # starts a run, so this module, which the interpreter builds on, never imports it.
+    run: Callable[[Executor, Expr], None] = field(kw_only=True)
 
 
 class Executor:
@@ -81,9 +84,7 @@ class Executor:
                 return
 
     def _run(self, expr: Expr) -> None:
-        from loom.lang.interpreter import execute  # the interpreter imports this module
-
-        execute(self, expr)
+        self.ctx.run(self, expr)
 
     def _fail_async(self, expr: Expr, site: CallSite | None, error: BaseException) -> None:
         where = f" (submitted at {site})" if site else ""

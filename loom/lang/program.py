@@ -15,6 +15,7 @@ from loom.lang.chat_template import RoleTemplate
 from loom.lang.errors import LoomError
 from loom.lang.executor import Executor, RunContext
 from loom.lang.graph import RequestGraph
+from loom.lang.interpreter import execute
 from loom.lang.ir import SAMPLING_KEYS, Expr
 from loom.lang.state import ProgramState, StateBase
 from loom.lang.tracer import trace_function
@@ -200,7 +201,7 @@ class Program:
 
     def _context(self, backend: Any, defaults: dict, template: Any) -> RunContext:
         resolved = resolve_backend(backend)
-        return RunContext(resolved, roles_for(resolved, template), defaults, self.name)
+        return RunContext(resolved, roles_for(resolved, template), defaults, self.name, run=execute)
 
     def __repr__(self) -> str:
         return f"<loom program {self.name}>"
