@@ -204,10 +204,8 @@ class Scheduler:
         chunked, self.chunked = self.chunked, None
         if chunked is not None:
             adder.continue_chunk(chunked)
-        if not adder.chunk_in_progress and self.waiting:
-            for req in self.policy.order(self.waiting):
-                if not adder.try_add(req):
-                    break
+        if not adder.full and self.waiting:
+            adder.add_from(self.policy.order(self.waiting), self.policy.aged)
         if not adder.reqs:
             return False, None
         admitted = {id(r) for r in adder.reqs}
@@ -275,7 +273,6 @@ class Scheduler:
         whose queued token reaches its length limit is done: it is skipped."""
         reqs = [r for r in self.running if not self.finish.out_of_room(r)]
         slots = self.kv.alloc_decode_slots(reqs, self.retract)
-        self.running = [r for r in self.running if r.req_pool_idx is not None]  # retracted
         return reqs, slots
 
     def _needs_host_state(self, reqs: list[Req]) -> bool:
@@ -292,12 +289,14 @@ class Scheduler:
 
     def retract(self, req: Req) -> None:
         """Preempt: free the request's KV and requeue it at the front; it restarts later
-        from its tokens so far (the result is the same, only recomputed)."""
+        from its tokens so far (the result is the same, only recomputed). A request that
+        alone outgrew the pool is finished instead (length): requeued, it could never be
+        admitted again. It leaves `running` either way."""
         assert not req.pending, "a request is retracted only once its tokens are processed"
         drop_draft(req)
-        if not self.running and self.chunked is None and req.output_ids:
-            # Nothing else holds KV: this request alone outgrew the pool.
-            self._finish(req, FinishReason("length", None, "the KV cache is full"))
+        self.running = [r for r in self.running if r is not req]
+        if self._outgrew_pool(req):
+            self._finish(req, FinishReason("length", None, self._kv_full(req)))
             self.kv.release(req, finished=True)
             return
         self.kv.release(req, finished=False)
@@ -309,6 +308,19 @@ class Scheduler:
         self.new_token_ratio = self.init_token_ratio
         self.waiting.insert(0, req)
         logger.info("retracted %s (%d tokens generated) to free KV", req.rid, len(req.output_ids))
+
+    def _outgrew_pool(self, req: Req) -> bool:
+        """Whether no retraction can make room for req: nothing else holds KV, or its
+        tokens so far and the next would fill the pool even alone."""
+        alone = not self.running and self.chunked is None
+        return alone or req.seqlen >= self.runner.max_total_tokens
+
+    def _kv_full(self, req: Req) -> str:
+        return (
+            f"the KV cache is full: it holds {self.runner.max_total_tokens} tokens and this "
+            f"request alone has {req.seqlen}; ask for fewer max_new_tokens or start the "
+            "server with a larger --max-total-tokens"
+        )
 
     # ---- tokens out --------------------------------------------------------------------
 

@@ -39,9 +39,17 @@ class Item:
 
 
 class InputLimits:
-    def __init__(self, tokenizer, context_len: int, vocab_size: int, grammar_check=None):
+    def __init__(
+        self,
+        tokenizer,
+        context_len: int,
+        max_total_tokens: int,
+        vocab_size: int,
+        grammar_check=None,
+    ):
         self.tokenizer = tokenizer
         self.context_len = context_len
+        self.max_total_tokens = max_total_tokens  # the KV pool's size
         self.vocab_size = vocab_size
         self.grammar_check = grammar_check  # (kind, text, lenient) -> None or raises
 
@@ -57,7 +65,8 @@ def expand(obj: GenerateInput, limits: InputLimits) -> tuple[list[Item], bool]:
     tops = _per_prompt(obj.top_logprobs_num, count, "top_logprobs_num", default=0)
     items: list[Item] = []
     for i, ids in enumerate(prompts):
-        _check_prompt(ids, limits, i if is_batch else None)
+        where = f"prompt {i}" if is_batch else "the prompt"
+        _check_prompt(ids, limits, where)
         sp = _sampling(params[i], limits)
         _check_logprob_args(starts[i], tops[i], len(ids))
         if rids[i] is not None and not (isinstance(rids[i], str) and is_valid_unicode(rids[i])):
@@ -113,14 +122,22 @@ def _per_prompt(value, count: int, name: str, default) -> list:
     return [value if value is not None else default] * count
 
 
-def _check_prompt(ids: list[int], limits: InputLimits, index: int | None) -> None:
-    where = f"prompt {index}" if index is not None else "the prompt"
+def _check_prompt(ids: list[int], limits: InputLimits, where: str) -> None:
+    """A prompt that can never run is refused here: past the context, past the KV pool
+    (the pool holds every token of a running request, so such a prompt could never be
+    admitted), or holding ids outside the vocabulary."""
     if not ids:
         raise InvalidRequestError(f"{where} is empty")
     if len(ids) >= limits.context_len:
         raise InvalidRequestError(
             f"{where} has {len(ids)} tokens, but the context length is {limits.context_len}; "
             "shorten it (or start the server with a larger --context-length)"
+        )
+    if len(ids) >= limits.max_total_tokens:
+        raise InvalidRequestError(
+            f"{where} has {len(ids)} tokens, but the KV cache holds "
+            f"{limits.max_total_tokens} tokens in all; "
+            "shorten it (or start the server with a larger --max-total-tokens)"
         )
     if min(ids) < 0 or max(ids) >= limits.vocab_size:
         bad = [t for t in ids if not 0 <= t < limits.vocab_size]
