@@ -68,6 +68,7 @@ def expand(obj: GenerateInput, limits: InputLimits) -> tuple[list[Item], bool]:
         where = f"prompt {i}" if is_batch else "the prompt"
         _check_prompt(ids, limits, where)
         sp = _sampling(params[i], limits)
+        _check_new_tokens(params[i], sp, len(ids), limits, where)
         _check_logprob_args(starts[i], tops[i], len(ids))
         if rids[i] is not None and not (isinstance(rids[i], str) and is_valid_unicode(rids[i])):
             raise InvalidRequestError("`rid` must be a string of valid Unicode")
@@ -163,6 +164,25 @@ def _sampling(d: Any, limits: InputLimits) -> SamplingParams:
         except ValueError as e:
             raise InvalidRequestError(str(e)) from e
     return params
+
+
+def _check_new_tokens(
+    asked: Any, params: SamplingParams, prompt_len: int, limits: InputLimits, where: str
+) -> None:
+    """max_new_tokens, when given, must fit the context after the prompt: a request for
+    more is a 400, as SGLang and vLLM (and the OpenAI routes here) answer it. Left unset,
+    the default is cut at the context length while generating (finish reason length). A
+    request that fits the context but not the KV pool runs until the pool is full and
+    finishes with length then (scheduler.retract)."""
+    if not isinstance(asked, dict) or asked.get("max_new_tokens") is None:
+        return
+    room = limits.context_len - prompt_len
+    if params.max_new_tokens > room:
+        raise InvalidRequestError(
+            f"max_new_tokens is {params.max_new_tokens}, but {where} has {prompt_len} tokens "
+            f"and the context length is {limits.context_len}; lower max_new_tokens to at most "
+            f"{room} (or shorten the prompt)"
+        )
 
 
 def _check_logprob_args(start: Any, top: Any, prompt_len: int) -> None:
