@@ -12,7 +12,9 @@ behind it are admitted while they fit. Once it is aged (it waited the policy's
 max_wait_rounds rounds) it stops the round instead: nothing behind it is admitted until
 the running requests have freed enough KV for it. It cannot wait forever: with nothing
 running, any admissible request fits (its prompt fits the pool, and a retracted request
-is requeued only while its tokens do).
+is requeued only while its tokens do). A round passes over at most MAX_PASSED_OVER
+requests and ends once no KV is left beyond the reserve, so a long queue is not matched
+against the cache whole at every step.
 """
 
 from __future__ import annotations
@@ -40,6 +42,9 @@ def admissibility_problem(req: Req, runner, grammar_enabled: bool) -> str | None
     if req.sampling.constraint is not None and not grammar_enabled:
         return "constrained decoding is disabled (--grammar-backend none)"
     return None
+
+
+MAX_PASSED_OVER = 16  # requests one round tries and passes over before it ends
 
 
 class PrefillAdder:
@@ -73,16 +78,21 @@ class PrefillAdder:
             or self.token_budget <= 0
             or self.out_of_rows
             or running >= sched.runner.max_running_requests
+            or self.kv.budget() - self.reserved < 1  # alone, any request has room
         )
 
     def add_from(self, queue: list[Req], aged: Callable[[Req], bool]) -> None:
         """Admit from `queue`, in its order, until the batch is full. A request that does
         not fit is passed over unless `aged(req)`: then the round ends at it (module doc)."""
+        passed_over = 0
         for req in queue:
-            if self.full:
+            if self.full or passed_over == MAX_PASSED_OVER:
                 return
-            if not self.try_add(req) and aged(req):
+            if self.try_add(req):
+                continue
+            if aged(req):
                 return
+            passed_over += 1
 
     def continue_chunk(self, req: Req) -> None:
         """The request mid-prefill gets its next chunk first."""
