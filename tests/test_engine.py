@@ -198,6 +198,8 @@ def test_prompt_logprobs_only_with_zero_new_tokens(engine, hf):
     "kwargs, message",
     [
         (dict(sampling_params={"max_new_tokens": -1}), "max_new_tokens"),
+        # once accepted as unbounded: past the context it is a 400 saying the most allowed
+        (dict(sampling_params={"max_new_tokens": 10**7}), "lower max_new_tokens to at most 1021"),
         (dict(sampling_params={"top_p": 0}), "top_p"),
         (dict(sampling_params={"top_p": 1.5}), "top_p"),
         (dict(sampling_params={"temperature": -0.1}), "temperature"),

@@ -9,6 +9,7 @@ import torch
 from loom.runtime.executor.sampler import sample
 from loom.runtime.messages import GenerateRequest
 from loom.runtime.sampling_params import InvalidRequestError, SamplingParams
+from loom.runtime.tokenizer.inputs import GenerateInput, InputLimits, expand
 from tests.test_models import make_scheduler
 from tests.test_sampler import batch_of, make_req
 from tests.tiny_models import VOCAB
@@ -69,3 +70,26 @@ def test_a_row_whose_every_token_is_masked_still_samples_an_id_of_the_vocabulary
     tokens = sample(logits.clone(), batch_of(reqs, vocab))
     assert ((tokens >= 0) & (tokens < vocab)).all()
     assert tokens[3] == logits[3].argmax()
+
+
+CONTEXT = 1024
+LIMITS = InputLimits(None, CONTEXT, 4096, VOCAB)
+
+
+def expand_ids(input_ids, sampling_params):
+    return expand(GenerateInput(input_ids=input_ids, sampling_params=sampling_params), LIMITS)[0]
+
+
+def test_max_new_tokens_past_the_context_is_refused_saying_the_most_allowed():
+    # once accepted as unbounded (max_new_tokens=10**7)
+    with pytest.raises(InvalidRequestError, match="max_new_tokens to at most 1021"):
+        expand_ids([5, 6, 7], {"max_new_tokens": 10**7})
+    with pytest.raises(InvalidRequestError, match="prompt 1 has 4 tokens"):
+        expand_ids([[5, 6, 7], [5, 6, 7, 8]], {"max_new_tokens": CONTEXT - 3})
+
+
+def test_max_new_tokens_filling_the_context_exactly_or_left_unset_is_accepted():
+    (item,) = expand_ids([5, 6, 7], {"max_new_tokens": CONTEXT - 3})
+    assert item.request.sampling.max_new_tokens == CONTEXT - 3
+    (item,) = expand_ids([5] * (CONTEXT - 1), None)  # the default: cut at the context
+    assert item.request.sampling.max_new_tokens == SamplingParams().max_new_tokens

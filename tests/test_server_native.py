@@ -213,6 +213,7 @@ def test_a_batch_under_one_rid_gets_an_id_per_prompt(url):
         ({"text": "t5", "sampling_params": {"max_tokens": 3}}, "unknown sampling parameter"),
         ({"text": ""}, "empty"),
         ({"input_ids": [5] * 16400}, "context length"),
+        ({"text": "t5", "sampling_params": {"max_new_tokens": 10**7}}, "at most 16383"),
         ({"input_ids": [5, 9999]}, "outside"),
     ],
 )

@@ -182,6 +182,7 @@ def test_a_repeated_prompt_reports_cached_tokens(client, model):
         (dict(model="no-such-model"), openai.NotFoundError, "does not exist"),
         (dict(temperature="hot"), openai.BadRequestError, "temperature"),
         (dict(max_tokens=CONTEXT + 1), openai.BadRequestError, "context length"),
+        (dict(max_completion_tokens=10**7), openai.BadRequestError, "context length"),
         (dict(messages=[]), openai.BadRequestError, "messages"),
         (dict(extra_body={"frobnicate": 1}), openai.BadRequestError, "frobnicate"),
         (

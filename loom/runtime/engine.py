@@ -57,6 +57,7 @@ class Engine:
         limits = InputLimits(
             self.tokenizer,
             self.info.context_length,
+            self.info.max_total_tokens,
             self.info.vocab_size,
             _grammar_check(self.args),
         )

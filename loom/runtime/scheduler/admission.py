@@ -3,12 +3,23 @@ the next extend batch.
 
 A request is admitted while the KV budget (free slots + evictable cache) covers its new
 tokens plus a reserve for the future tokens of everything running. The reserve counts
-each request's remaining max_new_tokens times `new_token_ratio`, an estimate of how much
-of that budget requests really use; retraction corrects an estimate that was too low.
+each request's remaining tokens (max_new_tokens, cut at the context and the pool: no
+request can hold more) times `new_token_ratio`, an estimate of how much of that budget
+requests really use; retraction corrects an estimate that was too low.
+
+No head-of-line blocking: a request the KV left cannot take is passed over, and those
+behind it are admitted while they fit. Once it is aged (it waited the policy's
+max_wait_rounds rounds) it stops the round instead: nothing behind it is admitted until
+the running requests have freed enough KV for it. It cannot wait forever: with nothing
+running, any admissible request fits (its prompt fits the pool, and a retracted request
+is requeued only while its tokens do). A round passes over at most MAX_PASSED_OVER
+requests and ends once no KV is left beyond the reserve, so a long queue is not matched
+against the cache whole at every step.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from loom.runtime.scheduler.request import Req
@@ -33,6 +44,9 @@ def admissibility_problem(req: Req, runner, grammar_enabled: bool) -> str | None
     return None
 
 
+MAX_PASSED_OVER = 16  # requests one round tries and passes over before it ends
+
+
 class PrefillAdder:
     def __init__(self, sched: Scheduler, chunk_size: int | None):
         self.sched = sched
@@ -43,11 +57,42 @@ class PrefillAdder:
         self.reqs: list[Req] = []
         self.starts: list[int] = []
         self.chunk_in_progress = False
+        self.out_of_rows = False
+        runner = sched.runner
+        self.max_len = min(runner.context_len, runner.max_total_tokens)
         self.reserved = sum(self._future_tokens(r) for r in sched.running)
 
     def _future_tokens(self, req: Req) -> int:
-        remaining = req.sampling.max_new_tokens - len(req.output_ids)
+        remaining = min(
+            req.sampling.max_new_tokens - len(req.output_ids), self.max_len - req.seqlen
+        )
         return int(max(remaining, 0) * self.sched.new_token_ratio)
+
+    @property
+    def full(self) -> bool:
+        """Whether no request at all can join this batch any more."""
+        sched = self.sched
+        running = len(sched.running) + len(self.reqs)
+        return (
+            self.chunk_in_progress
+            or self.token_budget <= 0
+            or self.out_of_rows
+            or running >= sched.runner.max_running_requests
+            or self.kv.budget() - self.reserved < 1  # alone, any request has room
+        )
+
+    def add_from(self, queue: list[Req], aged: Callable[[Req], bool]) -> None:
+        """Admit from `queue`, in its order, until the batch is full. A request that does
+        not fit is passed over unless `aged(req)`: then the round ends at it (module doc)."""
+        passed_over = 0
+        for req in queue:
+            if self.full or passed_over == MAX_PASSED_OVER:
+                return
+            if self.try_add(req):
+                continue
+            if aged(req):
+                return
+            passed_over += 1
 
     def continue_chunk(self, req: Req) -> None:
         """The request mid-prefill gets its next chunk first."""
@@ -59,14 +104,11 @@ class PrefillAdder:
         self._admit(req, start, n)
 
     def try_add(self, req: Req) -> bool:
-        """Admit req if it fits; False means stop adding this round."""
+        """Admit req if the KV left takes it (call only while not `full`)."""
         sched = self.sched
-        if len(sched.running) + len(self.reqs) >= sched.runner.max_running_requests:
-            return False
-        if self.token_budget <= 0 or self.chunk_in_progress:
-            return False
         self.kv.match(req)
         if not self.kv.start(req):
+            self.out_of_rows = True
             return False
         prefix = req.kv_len
         n = req.seqlen - prefix
@@ -87,7 +129,7 @@ class PrefillAdder:
             sched.stats["cache_hit_tokens"] += prefix
             sched.stats["prompt_tokens"] += len(req.origin_input_ids)
         self._admit(req, prefix, n)
-        return not self.chunk_in_progress
+        return True
 
     def _admit(self, req: Req, start: int, n: int) -> None:
         self.reqs.append(req)

@@ -1,8 +1,17 @@
-"""Decides whether a request is finished after it receives a new token."""
+"""Decides whether a request is finished after it receives a new token, and what its
+finish says."""
 
 from __future__ import annotations
 
+import json
+
+from loom.constrain.schema_check import validate_output
 from loom.runtime.scheduler.request import FinishReason, Req
+
+_CUT_OFF = (
+    "max_new_tokens ran out before the grammar completed: "
+    "the constrained output is cut off (raise max_new_tokens)"
+)
 
 
 class FinishChecker:
@@ -27,6 +36,17 @@ class FinishChecker:
         if req.seqlen >= self.context_len:
             return FinishReason("length", None, "reached the context length")
         return None
+
+    def conclude(self, req: Req, reason: FinishReason) -> None:
+        """Finish req: a constrained output cut off by its length says so, and a lenient
+        schema's output is checked against the schema (the violation is reported)."""
+        if req.grammar is not None and reason.type == "length" and not req.grammar.is_terminated():
+            reason = FinishReason("length", None, _CUT_OFF)
+        req.finished_reason = reason
+        p = req.sampling
+        if p.json_schema is not None and p.json_schema_lenient and reason.type != "abort":
+            text = self.tokenizer.decode(req.output_ids, skip_special_tokens=True)
+            req.schema_violation = validate_output(json.loads(p.json_schema), text)
 
     def out_of_room(self, req: Req) -> bool:
         """Whether the request's tokens, counting those not yet processed, already reach

@@ -88,7 +88,17 @@ class JumpForward:
         drafted = [i for i, r in enumerate(reqs) if r.draft_len]
         sched.sample_and_advance([reqs[i] for i in plain], out.next_logits[plain])
         for i in drafted:
-            self.verify(reqs[i], out.prompt_logits[i])
+            try:
+                self.verify(reqs[i], out.prompt_logits[i])
+            except Exception as exc:  # noqa: BLE001 - one request's fault (faults.py)
+                sched.fail(reqs[i], exc)
+
+    def _sample(self, req: Req, logits: torch.Tensor) -> int:
+        """req's next token from one row of logits (its logprobs recorded); the caller
+        advances req itself."""
+        step = self.sched.sampler.queue([req], logits)
+        req.pending -= 1
+        return step.read()[0]
 
     def verify(self, req: Req, logits: torch.Tensor) -> None:
         """Keep the draft's tokens while the model samples them. logits: (draft_len + 1,
@@ -99,7 +109,7 @@ class JumpForward:
         sched = self.sched
         accepted = 0
         for j in range(len(draft) + 1):
-            token = sched.sample_tokens([req], logits[j : j + 1])[0]
+            token = self._sample(req, logits[j : j + 1])
             sched.advance(req, token)
             if j == len(draft) or token != draft[j]:
                 break  # a bonus token after a confirmed draft, or the model's own choice

@@ -111,8 +111,9 @@ class KVOps:
     def alloc_decode_slots(
         self, running: list[Req], retract: Callable[[Req], None]
     ) -> torch.Tensor | None:
-        """One slot per running request, retracting the least advanced ones when even
-        eviction cannot make room. Mutates `running` (retracted requests leave it)."""
+        """One slot per request of `running` (the caller's list of this step's decoders),
+        retracting the least advanced ones when even eviction cannot make room. A victim
+        leaves `running` here; `retract` takes it out of the scheduler's own lists."""
         while running:
             slots = self.alloc(len(running))
             if slots is not None:

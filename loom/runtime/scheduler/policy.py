@@ -78,6 +78,11 @@ class SchedulePolicy:
         ranked = lpm_order(fresh) if self.policy == "lpm" else dfs_weight_order(fresh)
         return self._defer_shared_prefixes(aged, ranked)
 
+    def aged(self, req: Req) -> bool:
+        """Whether req has waited past the starvation bound (rule 2); admission then stops
+        passing it over (admission.py)."""
+        return req.wait_rounds > self.max_wait_rounds
+
     def _uses_cache(self, queue_len: int) -> bool:
         return (
             self.policy != "fcfs"

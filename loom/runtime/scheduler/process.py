@@ -1,4 +1,9 @@
-"""The scheduler process: receives requests over zmq, steps the scheduler, sends outputs."""
+"""The scheduler process: receives requests over zmq, steps the scheduler, sends outputs.
+
+An error one request causes is handled inside the step: that request is aborted and the
+loop goes on (faults.py). An error that reaches this loop is the scheduler's or the
+device's: every request in flight is failed (SchedulerCrashed) and the process exits,
+for its parent to report or a supervisor to restart."""
 
 from __future__ import annotations
 
@@ -43,7 +48,7 @@ def run_scheduler_process(
     ready_conn.send(m.SchedulerReady(info))
     try:
         _loop(sched, receiver, sender)
-    except Exception as e:  # noqa: BLE001 - every waiting caller must learn of the crash
+    except Exception as e:  # noqa: BLE001 - not one request's: every caller must learn of it
         logger.exception("scheduler crashed")
         sender.send_pyobj(m.SchedulerCrashed(f"scheduler crashed: {type(e).__name__}: {e}"))
         raise SystemExit(1) from e

@@ -8,7 +8,7 @@ before the host has seen the token.
 
 from __future__ import annotations
 
-from concurrent.futures import Future
+from concurrent.futures import Future, wait
 from dataclasses import dataclass
 
 import torch
@@ -16,8 +16,9 @@ import torch
 from loom.constrain.bitmask import MaskRing
 from loom.constrain.whitespace import WhitespaceGuard
 from loom.runtime.executor.host_copy import HostCopy, take_rows, to_device
-from loom.runtime.executor.sampler import apply_penalties, sample
+from loom.runtime.executor.sampler import SamplingBatch, apply_penalties, sample
 from loom.runtime.scheduler import batch as batching
+from loom.runtime.scheduler.faults import find_culprits
 from loom.runtime.scheduler.logprobs import OutputLogprobs
 from loom.runtime.scheduler.request import Req
 
@@ -126,9 +127,9 @@ class StepSampler:
         """Sample each row's token on the device; nothing waits for the device. Requests
         finished since the forward was queued are sampled unmasked (the token is dropped)."""
         reqs, logits = step.reqs, step.logits
+        sb = self._sampling_batch(reqs)
         logprob_rows = [i for i, r in enumerate(reqs) if r.return_logprob]
         raw = take_rows(logits, logprob_rows) if logprob_rows else None
-        sb = batching.sampling_batch(reqs, self.vocab_size, self.device, self.eos_ids)
         masked = [i for i, r in enumerate(reqs) if r.grammar is not None and not r.finished]
         if masked and step.masks is None:
             self.start_masks(step)
@@ -146,6 +147,28 @@ class StepSampler:
         if raw is not None:
             logprobs = OutputLogprobs(reqs, logprob_rows, raw, take_rows(next_ids, logprob_rows))
         return SampledStep(reqs, HostCopy(next_ids), logprobs)
+
+    def _sampling_batch(self, reqs: list[Req]) -> SamplingBatch:
+        """The requests' sampling settings on the device. Raises RowFaults naming the
+        requests it cannot be built for, when they alone explain a failure (faults.py)."""
+        try:
+            return self._build_sampling_batch(reqs)
+        except Exception as exc:
+            culprits = find_culprits(reqs, self._build_sampling_batch)
+            if culprits is None:
+                raise
+            raise culprits from exc
+
+    def _build_sampling_batch(self, reqs: list[Req]) -> SamplingBatch:
+        return batching.sampling_batch(reqs, self.vocab_size, self.device, self.eos_ids)
+
+    def without(self, step: ForwardedStep, rows: list[int]) -> ForwardedStep:
+        """The step less some rows (their requests no longer sample in it)."""
+        if step.masks is not None:
+            wait([step.masks.filled])  # its ring slot is reused: let the fill end first
+        dropped = set(rows)
+        keep = [i for i in range(len(step.reqs)) if i not in dropped]
+        return ForwardedStep([step.reqs[i] for i in keep], take_rows(step.logits, keep))
 
     def _apply_grammar_masks(self, step: ForwardedStep, rows: list[int], logits: torch.Tensor):
         """Wait for the constrained rows' masks (filled in parallel, off the GIL, while the

@@ -17,14 +17,12 @@ request's tokens processed before its next forward: they process the queued step
 
 from __future__ import annotations
 
-import json
 import logging
 import random
 
 import torch
 from transformers import AutoTokenizer
 
-from loom.constrain.schema_check import validate_output
 from loom.runtime import messages as m
 from loom.runtime.args import ServerArgs
 from loom.runtime.executor.forward_batch import ForwardBatch
@@ -33,8 +31,10 @@ from loom.runtime.executor.model_runner import LogitsOutput, ModelRunner
 from loom.runtime.scheduler import batch as batching
 from loom.runtime.scheduler import parts
 from loom.runtime.scheduler.admission import PrefillAdder, admissibility_problem
+from loom.runtime.scheduler.faults import RowFaults, fault_reason
 from loom.runtime.scheduler.finish import FinishChecker
 from loom.runtime.scheduler.grammar_wait import GrammarWait
+from loom.runtime.scheduler.info import server_info
 from loom.runtime.scheduler.jump_forward import JumpForward, drop_draft
 from loom.runtime.scheduler.kv_ops import KVOps
 from loom.runtime.scheduler.logprobs import gather_prompt_logprobs
@@ -98,6 +98,12 @@ class Scheduler:
     def add_request(self, msg: m.GenerateRequest) -> None:
         seed = msg.sampling.seed if msg.sampling.seed is not None else self.rng.getrandbits(62)
         req = Req.from_message(msg, seed)
+        try:
+            self._enqueue(req, msg)
+        except Exception as exc:  # noqa: BLE001 - one request's fault (faults.py)
+            self.fail(req, exc)
+
+    def _enqueue(self, req: Req, msg: m.GenerateRequest) -> None:
         problem = admissibility_problem(req, self.runner, self.grammar is not None)
         if problem:
             self._finish(req, FinishReason("abort", None, problem))
@@ -129,26 +135,7 @@ class Scheduler:
         return m.FlushCacheResult(True)
 
     def server_info(self) -> m.ServerInfo:
-        cache = self.kv.cache
-        return m.ServerInfo(
-            max_total_tokens=self.runner.max_total_tokens,
-            available_tokens=self.runner.allocator.available(),
-            cache_tokens=cache.total_size(),
-            evictable_tokens=cache.evictable_size(),
-            running_requests=len(self.running) + (1 if self.chunked else 0),
-            waiting_requests=len(self.waiting) + len(self.grammar_wait),
-            context_length=self.runner.context_len,
-            max_running_requests=self.runner.max_running_requests,
-            vocab_size=self.runner.vocab_size,
-            cache_hit_tokens=self.stats["cache_hit_tokens"],
-            prompt_tokens_total=self.stats["prompt_tokens"],
-            generation_tokens_total=self.stats["generation_tokens"],
-            retractions_total=self.stats["retractions"],
-            evicted_tokens_total=self.kv.evicted_tokens,
-            forward_steps_total=self.stats["forward_steps"],
-            jump_forward_draft_tokens_total=self.jump.drafted_tokens if self.jump else 0,
-            jump_forward_tokens_total=self.jump.accepted_tokens if self.jump else 0,
-        )
+        return server_info(self)
 
     def has_work(self) -> bool:
         return bool(
@@ -169,7 +156,7 @@ class Scheduler:
         self.drain(forwarded)
         if forwarded is None:
             return
-        queued = self.sampler.sample(forwarded)
+        queued = self._sample(forwarded)
         if self.overlap:
             self.inflight = queued
             self.stats["deferred_steps"] += 1
@@ -204,10 +191,8 @@ class Scheduler:
         chunked, self.chunked = self.chunked, None
         if chunked is not None:
             adder.continue_chunk(chunked)
-        if not adder.chunk_in_progress and self.waiting:
-            for req in self.policy.order(self.waiting):
-                if not adder.try_add(req):
-                    break
+        if not adder.full and self.waiting:
+            adder.add_from(self.policy.order(self.waiting), self.policy.aged)
         if not adder.reqs:
             return False, None
         admitted = {id(r) for r in adder.reqs}
@@ -275,7 +260,6 @@ class Scheduler:
         whose queued token reaches its length limit is done: it is skipped."""
         reqs = [r for r in self.running if not self.finish.out_of_room(r)]
         slots = self.kv.alloc_decode_slots(reqs, self.retract)
-        self.running = [r for r in self.running if r.req_pool_idx is not None]  # retracted
         return reqs, slots
 
     def _needs_host_state(self, reqs: list[Req]) -> bool:
@@ -292,12 +276,14 @@ class Scheduler:
 
     def retract(self, req: Req) -> None:
         """Preempt: free the request's KV and requeue it at the front; it restarts later
-        from its tokens so far (the result is the same, only recomputed)."""
+        from its tokens so far (the result is the same, only recomputed). A request that
+        alone outgrew the pool is finished instead (length): requeued, it could never be
+        admitted again. It leaves `running` either way."""
         assert not req.pending, "a request is retracted only once its tokens are processed"
         drop_draft(req)
-        if not self.running and self.chunked is None and req.output_ids:
-            # Nothing else holds KV: this request alone outgrew the pool.
-            self._finish(req, FinishReason("length", None, "the KV cache is full"))
+        self.running = [r for r in self.running if r is not req]
+        if self._outgrew_pool(req):
+            self._finish(req, FinishReason("length", None, self._kv_full(req)))
             self.kv.release(req, finished=True)
             return
         self.kv.release(req, finished=False)
@@ -310,6 +296,19 @@ class Scheduler:
         self.waiting.insert(0, req)
         logger.info("retracted %s (%d tokens generated) to free KV", req.rid, len(req.output_ids))
 
+    def _outgrew_pool(self, req: Req) -> bool:
+        """Whether no retraction can make room for req: nothing else holds KV, or its
+        tokens so far and the next would fill the pool even alone."""
+        alone = not self.running and self.chunked is None
+        return alone or req.seqlen >= self.runner.max_total_tokens
+
+    def _kv_full(self, req: Req) -> str:
+        return (
+            f"the KV cache is full: it holds {self.runner.max_total_tokens} tokens and this "
+            f"request alone has {req.seqlen}; ask for fewer max_new_tokens or start the "
+            "server with a larger --max-total-tokens"
+        )
+
     # ---- tokens out --------------------------------------------------------------------
 
     def _process(self, step: SampledStep, following: ForwardedStep | None = None) -> None:
@@ -321,27 +320,46 @@ class Scheduler:
         live = []
         for req, token in zip(step.reqs, tokens):
             req.pending -= 1
-            if not req.finished:  # else finished after this step was queued: discarded
+            if req.finished:  # finished after this step was queued: the token is discarded
+                continue
+            try:
                 live.append((req, token, req.accept_grammar(token)))
+            except Exception as exc:  # noqa: BLE001 - one request's fault (faults.py)
+                self.fail(req, exc)
         if following is not None and self.jump is None:
             self.sampler.start_masks(following)
         for req, token, grammar_ok in live:
-            self.advance(req, token, grammar_ok)
-            self.settle(req)
+            try:
+                self.advance(req, token, grammar_ok)
+                self.settle(req)
+            except Exception as exc:  # noqa: BLE001 - one request's fault (faults.py)
+                self.fail(req, exc)
         self.running = [r for r in self.running if not r.finished]
+
+    def _sample(self, step: ForwardedStep) -> SampledStep:
+        """Queue the step's sampling. Requests whose values its batch cannot be built
+        from are aborted and the others sampled (faults.py)."""
+        try:
+            return self.sampler.sample(step)
+        except RowFaults as fault:
+            for i, exc in fault.rows:
+                step.reqs[i].pending -= 1  # it leaves the step: its token never comes
+                self.fail(step.reqs[i], exc)
+            return self.sampler.sample(self.sampler.without(step, [i for i, _ in fault.rows]))
+
+    def fail(self, req: Req, exc: Exception) -> None:
+        """Abort a request an error was raised for (faults.py) and free its KV, never
+        caching it: the error may have left its tokens half-processed."""
+        logger.error("request %s raised %r: aborted", req.rid, exc, exc_info=exc)
+        if not req.finished:
+            self._finish(req, fault_reason(exc))
+        self.kv.release(req, finished=False)
+        self.running = [r for r in self.running if r is not req]
 
     def sample_and_advance(self, reqs: list[Req], logits: torch.Tensor) -> None:
         """Sample and process at once (nothing may be in flight)."""
         if reqs:
-            self._process(self.sampler.queue(reqs, logits))
-
-    def sample_tokens(self, reqs: list[Req], logits: torch.Tensor) -> list[int]:
-        """The next token of each request (logits row i is reqs[i]'s); records logprobs.
-        The caller advances the requests itself."""
-        step = self.sampler.queue(reqs, logits)
-        for req in reqs:
-            req.pending -= 1
-        return step.read()
+            self._process(self._sample(self.sampler.forwarded(reqs, logits)))
 
     def advance(self, req: Req, token: int, grammar_ok: bool | None = None) -> None:
         """Append one sampled token; finish the request if it is done. `grammar_ok`:
@@ -370,18 +388,7 @@ class Scheduler:
 
     def _finish(self, req: Req, reason: FinishReason) -> None:
         drop_draft(req)  # only verified tokens are ever returned
-        if req.grammar is not None and reason.type == "length" and not req.grammar.is_terminated():
-            reason = FinishReason(
-                "length",
-                None,
-                "max_new_tokens ran out before the grammar completed: "
-                "the constrained output is cut off (raise max_new_tokens)",
-            )
-        req.finished_reason = reason
-        p = req.sampling
-        if p.json_schema is not None and p.json_schema_lenient and reason.type != "abort":
-            text = self.tokenizer.decode(req.output_ids, skip_special_tokens=True)
-            req.schema_violation = validate_output(json.loads(p.json_schema), text)
+        self.finish.conclude(req, reason)
         self._emit(req)
 
     def _emit(self, req: Req) -> None:

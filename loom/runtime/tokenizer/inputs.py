@@ -45,9 +45,17 @@ class Item:
 
 
 class InputLimits:
-    def __init__(self, tokenizer, context_len: int, vocab_size: int, grammar_check=None):
+    def __init__(
+        self,
+        tokenizer,
+        context_len: int,
+        max_total_tokens: int,
+        vocab_size: int,
+        grammar_check=None,
+    ):
         self.tokenizer = tokenizer
         self.context_len = context_len
+        self.max_total_tokens = max_total_tokens  # the KV pool's size
         self.vocab_size = vocab_size
         self.grammar_check = grammar_check  # (kind, text, lenient) -> None or raises
 
@@ -65,8 +73,10 @@ def expand(obj: GenerateInput, limits: InputLimits) -> tuple[list[Item], bool]:
         raise InvalidRequestError("return_logprob must be true or false (or a list of them)")
     items: list[Item] = []
     for i, ids in enumerate(prompts):
-        _check_prompt(ids, limits, i if is_batch else None)
+        where = f"prompt {i}" if is_batch else "the prompt"
+        _check_prompt(ids, limits, where)
         sp = _sampling(params[i], limits)
+        _check_new_tokens(params[i], sp, len(ids), limits, where)
         _check_logprob_args(starts[i], tops[i], len(ids))
         for j in range(sp.n):
             copy = sp if sp.n == 1 else SamplingParams(**{**sp.to_dict(), "n": 1})
@@ -141,14 +151,22 @@ def _per_prompt(value, count: int, name: str, default) -> list:
     return [value if value is not None else default] * count
 
 
-def _check_prompt(ids: list[int], limits: InputLimits, index: int | None) -> None:
-    where = f"prompt {index}" if index is not None else "the prompt"
+def _check_prompt(ids: list[int], limits: InputLimits, where: str) -> None:
+    """A prompt that can never run is refused here: past the context, past the KV pool
+    (the pool holds every token of a running request, so such a prompt could never be
+    admitted), or holding ids outside the vocabulary."""
     if not ids:
         raise InvalidRequestError(f"{where} is empty")
     if len(ids) >= limits.context_len:
         raise InvalidRequestError(
             f"{where} has {len(ids)} tokens, but the context length is {limits.context_len}; "
             "shorten it (or start the server with a larger --context-length)"
+        )
+    if len(ids) >= limits.max_total_tokens:
+        raise InvalidRequestError(
+            f"{where} has {len(ids)} tokens, but the KV cache holds "
+            f"{limits.max_total_tokens} tokens in all; "
+            "shorten it (or start the server with a larger --max-total-tokens)"
         )
     if min(ids) < 0 or max(ids) >= limits.vocab_size:
         bad = [t for t in ids if not 0 <= t < limits.vocab_size]
@@ -174,6 +192,25 @@ def _sampling(d: Any, limits: InputLimits) -> SamplingParams:
         except ValueError as e:
             raise InvalidRequestError(str(e)) from e
     return params
+
+
+def _check_new_tokens(
+    asked: Any, params: SamplingParams, prompt_len: int, limits: InputLimits, where: str
+) -> None:
+    """max_new_tokens, when given, must fit the context after the prompt: a request for
+    more is a 400, as SGLang and vLLM (and the OpenAI routes here) answer it. Left unset,
+    the default is cut at the context length while generating (finish reason length). A
+    request that fits the context but not the KV pool runs until the pool is full and
+    finishes with length then (scheduler.retract)."""
+    if not isinstance(asked, dict) or asked.get("max_new_tokens") is None:
+        return
+    room = limits.context_len - prompt_len
+    if params.max_new_tokens > room:
+        raise InvalidRequestError(
+            f"max_new_tokens is {params.max_new_tokens}, but {where} has {prompt_len} tokens "
+            f"and the context length is {limits.context_len}; lower max_new_tokens to at most "
+            f"{room} (or shorten the prompt)"
+        )
 
 
 def _check_logprob_args(start: Any, top: Any, prompt_len: int) -> None:
