@@ -1,4 +1,8 @@
-"""The scheduler process: receives requests over zmq, steps the scheduler, sends outputs."""
+"""The scheduler process: receives requests over zmq, steps the scheduler, sends outputs.
+
+Every turn of the loop beats the heartbeat the parent's watchdog reads (watchdog.py); an
+idle loop wakes to beat, so only a loop that is stuck (a step that never returns, a
+stopped process) goes quiet."""
 
 from __future__ import annotations
 
@@ -7,6 +11,7 @@ import traceback
 
 from loom.runtime import messages as m
 from loom.runtime.args import ServerArgs
+from loom.runtime.watchdog import Heartbeat
 
 logger = logging.getLogger(__name__)
 
@@ -14,7 +19,12 @@ _IDLE_POLL_MS = 2  # while only grammar compiles are pending
 
 
 def run_scheduler_process(
-    args: ServerArgs, model_folder: str, in_addr: str, out_addr: str, ready_conn
+    args: ServerArgs,
+    model_folder: str,
+    in_addr: str,
+    out_addr: str,
+    heartbeat: Heartbeat,
+    ready_conn,
 ) -> None:
     import zmq
 
@@ -42,24 +52,25 @@ def run_scheduler_process(
     )
     ready_conn.send(m.SchedulerReady(info))
     try:
-        _loop(sched, receiver, sender)
+        _loop(sched, receiver, sender, heartbeat)
     except Exception as e:  # noqa: BLE001 - every waiting caller must learn of the crash
         logger.exception("scheduler crashed")
         sender.send_pyobj(m.SchedulerCrashed(f"scheduler crashed: {type(e).__name__}: {e}"))
         raise SystemExit(1) from e
 
 
-def _loop(sched, receiver, sender) -> None:
+def _loop(sched, receiver, sender, heartbeat: Heartbeat) -> None:
     import zmq
 
     poller = zmq.Poller()
     poller.register(receiver, zmq.POLLIN)
     while True:
+        heartbeat.beat()
         if sched.has_work():
             busy = sched.running or sched.waiting or sched.chunked or sched.inflight
             timeout = 0 if busy else _IDLE_POLL_MS
         else:
-            timeout = None  # idle: sleep until a message arrives
+            timeout = heartbeat.idle_ms  # idle: sleep until a message comes, waking to beat
         events = dict(poller.poll(timeout))
         while events.get(receiver) or receiver.poll(0):
             events = {}
