@@ -1,5 +1,6 @@
-"""`loom serve` as a process, on a tiny Llama: the queue cap, a killed scheduler, shutdown by
-signal and by the parent's death with nothing left behind, a failed start."""
+"""`loom serve` as a process, on a tiny Llama: the queue cap, a killed scheduler (the server
+exits for its supervisor), shutdown by signal and by the parent's death with nothing left
+behind, a failed start. Frozen and killed children of every kind: test_watchdog.py."""
 
 from __future__ import annotations
 
@@ -29,9 +30,8 @@ WAIT_S = 60  # bounds on waits and answers that only a hang would reach
 
 @pytest.fixture(scope="module")
 def server(long_llama, tmpdir_env):
-    """One server for the tests below, which run in file order: the last two break it on
-    purpose (kill its scheduler, then stop it with SIGINT). It runs one request at a time
-    and queues one more."""
+    """One server for the tests below, which run in file order: the second kills its
+    scheduler, which ends it. It runs one request at a time and queues one more."""
     args = {**SERVER_ARGS, "max_total_tokens": 2 * 16384}  # room for a LONG running and one queued
     rt = Runtime(long_llama, **args, max_running_requests=1, max_queued_requests=1)
     yield rt
@@ -62,8 +62,9 @@ def test_requests_beyond_the_queue_cap_get_503(server):
     assert ok.status_code == 200
 
 
-def test_a_killed_scheduler_turns_health_bad_and_fails_requests(server):
+def test_a_killed_scheduler_fails_requests_then_the_server_exits(server, tmpdir_env):
     url = server.url
+    pids = server_pids(server.process.pid)
     scheduler = server_info(url)["process_ids"]["scheduler"]
     body = {"input_ids": [5, 6, 7], "sampling_params": LONG, "stream": True}
     with httpx.stream("POST", url + "/generate", json=body, timeout=WAIT_S) as r:
@@ -80,13 +81,21 @@ def test_a_killed_scheduler_turns_health_bad_and_fails_requests(server):
     for r in (native, completion):
         assert r.status_code == 503
         assert "scheduler process exited" in r.json()["error"]["message"]
+    # Then it exits with status 1, for a supervisor to restart it, leaving nothing behind.
+    assert server.process.wait(timeout=WAIT_S) == 1
+    assert not [p for p in pids if alive(p)]
+    assert ipc_dirs(tmpdir_env) == []
 
 
-def test_sigint_stops_the_server_leaving_no_process_or_socket(server, tmpdir_env):
-    pids = server_pids(server.process.pid)
-    assert ipc_dirs(tmpdir_env)
-    server.process.send_signal(signal.SIGINT)
-    assert server.process.wait(timeout=WAIT_S) == 0
+def test_sigint_stops_the_server_leaving_no_process_or_socket(tiny_llama, tmpdir_env):
+    rt = Runtime(tiny_llama, **SERVER_ARGS)
+    try:
+        pids = server_pids(rt.process.pid)
+        assert ipc_dirs(tmpdir_env)
+        rt.process.send_signal(signal.SIGINT)
+        assert rt.process.wait(timeout=WAIT_S) == 0
+    finally:
+        rt.shutdown()
     assert not [p for p in pids if alive(p)]
     assert ipc_dirs(tmpdir_env) == []
 

@@ -89,7 +89,12 @@ class ServerArgs:
     port: int = _arg(30000, "HTTP port")
     random_seed: int | None = _arg(None, "seed for requests that give none")
     log_level: str = _arg("info", "logging level", ("debug", "info", "warning", "error"))
-    watchdog_timeout: float = _arg(300.0, "seconds one forward step may take before it is a hang")
+    watchdog_timeout: float = _arg(
+        300.0,
+        "seconds the scheduler or detokenizer may go without progress before it counts as "
+        "hung: requests fail, /health answers 503 and the server exits with status 1; must "
+        "exceed the longest step, first-use kernel compiles included",
+    )
     api_key: str | None = _arg(
         None,
         "require `Authorization: Bearer <key>` on every route but /health, /health_generate "
@@ -112,6 +117,8 @@ class ServerArgs:
             raise ValueError("max_running_requests must be at least 1")
         if self.grammar_mask_threads is not None and self.grammar_mask_threads < 1:
             raise ValueError("grammar_mask_threads must be at least 1")
+        if not self.watchdog_timeout > 0:  # NaN too
+            raise ValueError("watchdog_timeout must be > 0 seconds")
         if self.max_request_body_bytes < 1:
             raise ValueError("max_request_body_bytes must be at least 1")
 

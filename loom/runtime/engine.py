@@ -1,6 +1,10 @@
 """Engine: the runtime without HTTP. Starts the scheduler and detokenizer processes and
 runs the tokenizer manager on an asyncio loop in a background thread.
 
+A watchdog (watchdog.py) watches both processes once they are ready: when one exits or
+makes no progress for `watchdog_timeout` seconds, every call in flight and every later
+one fails with EngineDeadError, and `on_failure` callbacks run (`loom serve` exits then).
+
 Every call reaches the manager through `_submit`: once `shutdown` has begun, a new call
 raises EngineClosedError at once, and a call in flight fails with it (shutdown cancels
 what runs on the loop before stopping it), so no caller waits on a loop that is gone."""
@@ -13,15 +17,18 @@ import concurrent.futures
 import logging
 import os
 import shutil
+import subprocess
 import tempfile
 import threading
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
+from typing import BinaryIO
 
 from loom.runtime import messages as m
 from loom.runtime.args import ServerArgs
 from loom.runtime.launch import read_ready, spawn_child
 from loom.runtime.tokenizer.inputs import GenerateInput, InputLimits
 from loom.runtime.tokenizer.manager import TokenizerManager
+from loom.runtime.watchdog import Heartbeat, Watchdog
 
 logger = logging.getLogger(__name__)
 
@@ -41,8 +48,12 @@ class Engine:
 
         self.args = ServerArgs.from_kwargs(model_path=model_path, **server_args)
         self.model_folder = resolve_model_path(model_path)
-        self._procs: list = []
-        self._lock = threading.Lock()  # orders _closed against calls being submitted
+        self._children: dict[str, subprocess.Popen] = {}
+        self._watchdog = Watchdog(self.args.watchdog_timeout, self._on_child_failure)
+        self.failure: str | None = None  # why the Engine serves no more, once a child failed
+        self._failure_callbacks: list[Callable[[str], None]] = []
+        # Orders _closed against calls being submitted, and against failure reports.
+        self._lock = threading.Lock()
         self._closed = False
         self._ipc_dir = tempfile.mkdtemp(prefix="loom-ipc-")
         addr = {k: f"ipc://{self._ipc_dir}/{k}" for k in ("scheduler", "detokenizer", "manager")}
@@ -67,23 +78,22 @@ class Engine:
         self.manager: TokenizerManager = self._call(
             self._make_manager(limits, addr["scheduler"], addr["manager"])
         )
-        threading.Thread(target=self._watch_scheduler, daemon=True, name="loom-watch").start()
+        self._watchdog.start()  # the children are ready and the manager can be failed
         atexit.register(self.shutdown)
 
     def _launch(self, addr: dict) -> m.ServerInfo:
-        tokenizer_path = self.args.tokenizer_path or self.model_folder
-        detok, fd = spawn_child(
+        """Start both children at once (both load for a while); return when both are ready.
+        The scheduler is asked first: its start-up errors are the ones that say what to fix."""
+        detok = self._spawn(
             "detokenizer",
             dict(
-                tokenizer_path=tokenizer_path,
+                tokenizer_path=self.args.tokenizer_path or self.model_folder,
                 in_addr=addr["detokenizer"],
                 out_addr=addr["manager"],
                 log_level=self.args.log_level,
             ),
         )
-        os.close(fd)
-        self._procs.append(detok)
-        sched, fd = spawn_child(
+        sched = self._spawn(
             "scheduler",
             dict(
                 args=self.args,
@@ -92,16 +102,30 @@ class Engine:
                 out_addr=addr["detokenizer"],
             ),
         )
-        self._procs.append(sched)
-        self._scheduler = sched
-        msg = read_ready(fd)
+        with detok, sched:  # the pipes are closed whatever happens
+            info = self._ready("scheduler", sched).info
+            self._ready("detokenizer", detok)
+        return info
+
+    def _spawn(self, role: str, kwargs: dict) -> BinaryIO:
+        """Start a child with a heartbeat, under watch; returns its ready pipe."""
+        path = os.path.join(self._ipc_dir, f"{role}.heartbeat")
+        heartbeat = Heartbeat.create(path, self.args.watchdog_timeout)
+        proc, ready = spawn_child(role, {**kwargs, "heartbeat": heartbeat})
+        self._children[role] = proc
+        self._watchdog.watch(role, proc, heartbeat)
+        return ready
+
+    def _ready(self, role: str, pipe: BinaryIO):
+        msg = read_ready(pipe)
         if isinstance(msg, m.SchedulerCrashed):
             raise RuntimeError(f"the scheduler failed to start: {msg.message}")
-        if not isinstance(msg, m.SchedulerReady):
+        if msg is None:
+            code = self._children[role].wait()
             raise RuntimeError(
-                f"the scheduler exited during start-up (exit code {sched.wait()}); see its log above"
+                f"the {role} exited during start-up (exit code {code}); see its log above"
             )
-        return msg.info
+        return msg
 
     async def _make_manager(self, limits, to_scheduler, from_detok) -> TokenizerManager:
         manager = TokenizerManager(self.tokenizer, limits, to_scheduler, from_detok)
@@ -144,11 +168,27 @@ class Engine:
         """Run shutdown's own steps on the loop (they bypass the closed check)."""
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
 
-    def _watch_scheduler(self) -> None:
-        code = self._scheduler.wait()
-        if not self._closed:
-            reason = f"the scheduler process exited (code {code}); restart the engine"
-            self._loop.call_soon_threadsafe(self.manager.mark_dead, reason)
+    def _on_child_failure(self, reason: str) -> None:
+        """The watchdog's report, on its thread: fail every call in flight and every later
+        one (on the loop), then run the on_failure callbacks. None after shutdown began."""
+        with self._lock:
+            if self._closed or self.failure is not None:
+                return
+            self.failure = reason
+            callbacks = list(self._failure_callbacks)
+        self._loop.call_soon_threadsafe(self.manager.mark_dead, reason)
+        for callback in callbacks:
+            callback(reason)
+
+    def on_failure(self, callback: Callable[[str], None]) -> None:
+        """Call `callback(reason)` once when a child process exits or hangs (at once if one
+        has). It runs on the watchdog's thread, so it must not block."""
+        with self._lock:
+            failure = self.failure
+            if failure is None:
+                self._failure_callbacks.append(callback)
+        if failure is not None:
+            callback(failure)
 
     # ---- generate ----------------------------------------------------------------------
 
@@ -224,7 +264,7 @@ class Engine:
 
     @property
     def process_ids(self) -> dict[str, int]:
-        return {"scheduler": self._scheduler.pid, "detokenizer": self._procs[0].pid}
+        return {role: proc.pid for role, proc in self._children.items()}
 
     def get_server_info(self) -> m.ServerInfo:
         return self._call(self.manager.server_info())
@@ -240,17 +280,18 @@ class Engine:
             if self._closed:
                 return
             self._closed = True
+        self._watchdog.stop()  # the children are about to exit on purpose
         loop = getattr(self, "_loop", None)
         if loop is not None:
             self._on_loop(_end_calls())  # callers in flight fail now, not after the wait
         manager = getattr(self, "manager", None)
-        alive = manager is not None and manager.dead is None
+        alive = manager is not None and manager.dead is None and self.failure is None
         if alive:
             try:
                 manager.send_shutdown()
             except Exception:  # noqa: BLE001 - best effort; processes are killed below
                 alive = False
-        for proc in self._procs:
+        for proc in self._children.values():
             try:
                 proc.wait(timeout=10 if alive else 0.1)
             except Exception:  # noqa: BLE001

@@ -2,7 +2,8 @@
 
 A fresh interpreter, not multiprocessing's spawn: spawn re-imports the caller's __main__,
 which breaks scripts and notebooks that create an Engine at top level. The payload (role,
-arguments) arrives pickled on stdin; the child reports readiness on an inherited pipe.
+arguments) arrives pickled on stdin; the child reports readiness on an inherited pipe
+(the parent's watchdog starts watching it only then: start-up may take long).
 """
 
 from __future__ import annotations
@@ -11,10 +12,11 @@ import os
 import pickle
 import subprocess
 import sys
+from typing import BinaryIO
 
 
-def spawn_child(role: str, kwargs: dict) -> tuple[subprocess.Popen, int]:
-    """Start a child; returns it and the read end of its ready pipe."""
+def spawn_child(role: str, kwargs: dict) -> tuple[subprocess.Popen, BinaryIO]:
+    """Start a child; returns it and the read end of its ready pipe (see read_ready)."""
     read_fd, write_fd = os.pipe()
     payload = pickle.dumps({"role": role, "kwargs": kwargs, "ready_fd": write_fd})
     proc = subprocess.Popen(
@@ -26,7 +28,7 @@ def spawn_child(role: str, kwargs: dict) -> tuple[subprocess.Popen, int]:
     os.close(write_fd)
     proc.stdin.write(payload)
     proc.stdin.close()
-    return proc, read_fd
+    return proc, os.fdopen(read_fd, "rb")
 
 
 class ReadyPipe:
@@ -40,25 +42,24 @@ class ReadyPipe:
             f.write(pickle.dumps(msg))
 
 
-def read_ready(fd: int):
+def read_ready(pipe: BinaryIO):
     """Blocks until the child writes its message (or exits: then returns None)."""
-    with os.fdopen(fd, "rb") as f:
-        data = f.read()
+    data = pipe.read()
     return pickle.loads(data) if data else None
 
 
 def main() -> None:
     payload = pickle.loads(sys.stdin.buffer.read())
     kwargs = payload["kwargs"]
+    ready_conn = ReadyPipe(payload["ready_fd"])
     if payload["role"] == "scheduler":
         from loom.runtime.scheduler.process import run_scheduler_process
 
-        run_scheduler_process(**kwargs, ready_conn=ReadyPipe(payload["ready_fd"]))
+        run_scheduler_process(**kwargs, ready_conn=ready_conn)
     elif payload["role"] == "detokenizer":
         from loom.runtime.tokenizer.detokenizer import run_detokenizer_process
 
-        os.close(payload["ready_fd"])
-        run_detokenizer_process(**kwargs)
+        run_detokenizer_process(**kwargs, ready_conn=ready_conn)
     else:
         raise SystemExit(f"unknown role {payload['role']!r}")
 

@@ -110,5 +110,10 @@ class SchedulerReady:
 
 
 @dataclass
+class DetokenizerReady:
+    pass
+
+
+@dataclass
 class SchedulerCrashed:
     message: str

@@ -13,7 +13,7 @@ from pydantic import ValidationError
 from starlette.exceptions import HTTPException
 
 from loom.runtime.sampling_params import InvalidRequestError
-from loom.runtime.tokenizer.manager import SchedulerDeadError
+from loom.runtime.tokenizer.manager import EngineDeadError
 
 logger = logging.getLogger(__name__)
 
@@ -56,8 +56,8 @@ def as_api_error(exc: BaseException) -> APIError:
         return exc
     if isinstance(exc, InvalidRequestError):
         return APIError(400, str(exc))
-    if isinstance(exc, SchedulerDeadError):
-        return APIError(503, f"the server cannot generate: {exc}", code="scheduler_dead")
+    if isinstance(exc, EngineDeadError):
+        return APIError(503, f"the server cannot generate: {exc}", code="engine_dead")
     if isinstance(exc, ValidationError):
         return validation_error(exc)
     if isinstance(exc, RecursionError):  # a body (or a schema in it) nested thousands deep
@@ -92,7 +92,7 @@ def install_error_handlers(app: FastAPI) -> None:
         APIError,
         ClientDisconnected,
         InvalidRequestError,
-        SchedulerDeadError,
+        EngineDeadError,
         ValidationError,
         RequestValidationError,
         HTTPException,

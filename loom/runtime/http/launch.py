@@ -4,6 +4,11 @@ the tokenizer manager runs: one loop for HTTP and the manager, no thread hop per
 
 The main thread only waits: SIGINT / SIGTERM (or, with exit_with_parent, the parent's
 death) stop uvicorn, then the Engine shuts its processes down and removes its ipc sockets.
+
+A child process that exits or hangs (the Engine's watchdog, --watchdog-timeout) cannot be
+replaced in place: the Engine fails every request in flight, /health answers 503 for
+FAILED_EXIT_DELAY_S (load balancers see it, errors reach their clients), and then the
+server stops and exits with status 1, for its supervisor to restart it (as SGLang does).
 """
 
 from __future__ import annotations
@@ -23,6 +28,8 @@ from loom.runtime.args import ServerArgs
 logger = logging.getLogger(__name__)
 
 GRACEFUL_SHUTDOWN_S = 5  # in-flight responses get this long to finish on SIGTERM
+FAILED_EXIT_DELAY_S = 5.0  # a server whose child failed answers 503 this long, then exits
+EXIT_CHILD_FAILED = 1
 
 
 class _Stop(BaseException):
@@ -56,6 +63,7 @@ def run_server(args: ServerArgs, exit_with_parent: bool = False) -> int:
         )
         server = uvicorn.Server(config)
         stopper.server = server
+        engine.on_failure(lambda reason: _exit_later(stopper))
         logger.info(
             "loom serving %s (%s) at http://%s:%d - KV capacity %d tokens, context %d",
             served_model_name(engine),
@@ -69,7 +77,7 @@ def run_server(args: ServerArgs, exit_with_parent: bool = False) -> int:
             logger.info("no API key: any process that reaches the port may use every route")
         future = asyncio.run_coroutine_threadsafe(server.serve(sockets=[sock]), engine.loop)
         _wait(future)
-        return 0
+        return 0 if engine.failure is None else EXIT_CHILD_FAILED
     except _Stop:
         logger.info("stopped during start-up")
         return 0
@@ -94,6 +102,19 @@ def bind_socket(host: str, port: int) -> socket.socket:
         raise SystemExit(message) from e
     sock.set_inheritable(False)
     return sock
+
+
+def _exit_later(stopper: _Stopper) -> None:
+    """The Engine failed (it logged why): stop serving after FAILED_EXIT_DELAY_S."""
+    logger.error(
+        "a child process failed: the server answers 503 for %gs, then exits with status %d "
+        "for a supervisor to restart it",
+        FAILED_EXIT_DELAY_S,
+        EXIT_CHILD_FAILED,
+    )
+    timer = threading.Timer(FAILED_EXIT_DELAY_S, stopper.stop, ("a child process failed",))
+    timer.daemon = True
+    timer.start()
 
 
 def _wait(future: concurrent.futures.Future) -> None:

@@ -177,4 +177,4 @@ def _shown_args(engine: Engine) -> dict:
 
 
 def _dead_response(reason: str) -> Response:
-    return APIError(503, f"unhealthy: {reason}", code="scheduler_dead").response()
+    return APIError(503, f"unhealthy: {reason}", code="engine_dead").response()

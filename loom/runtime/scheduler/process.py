@@ -3,7 +3,11 @@
 An error one request causes is handled inside the step: that request is aborted and the
 loop goes on (faults.py). An error that reaches this loop is the scheduler's or the
 device's: every request in flight is failed (SchedulerCrashed) and the process exits,
-for its parent to report or a supervisor to restart."""
+for its parent to report or a supervisor to restart.
+
+Every turn of the loop beats the heartbeat the parent's watchdog reads (watchdog.py); an
+idle loop wakes to beat, so only a loop that is stuck (a step that never returns, a
+stopped process) goes quiet."""
 
 from __future__ import annotations
 
@@ -12,6 +16,7 @@ import traceback
 
 from loom.runtime import messages as m
 from loom.runtime.args import ServerArgs
+from loom.runtime.watchdog import Heartbeat
 
 logger = logging.getLogger(__name__)
 
@@ -19,7 +24,12 @@ _IDLE_POLL_MS = 2  # while only grammar compiles are pending
 
 
 def run_scheduler_process(
-    args: ServerArgs, model_folder: str, in_addr: str, out_addr: str, ready_conn
+    args: ServerArgs,
+    model_folder: str,
+    in_addr: str,
+    out_addr: str,
+    heartbeat: Heartbeat,
+    ready_conn,
 ) -> None:
     import zmq
 
@@ -47,24 +57,25 @@ def run_scheduler_process(
     )
     ready_conn.send(m.SchedulerReady(info))
     try:
-        _loop(sched, receiver, sender)
+        _loop(sched, receiver, sender, heartbeat)
     except Exception as e:  # noqa: BLE001 - not one request's: every caller must learn of it
         logger.exception("scheduler crashed")
         sender.send_pyobj(m.SchedulerCrashed(f"scheduler crashed: {type(e).__name__}: {e}"))
         raise SystemExit(1) from e
 
 
-def _loop(sched, receiver, sender) -> None:
+def _loop(sched, receiver, sender, heartbeat: Heartbeat) -> None:
     import zmq
 
     poller = zmq.Poller()
     poller.register(receiver, zmq.POLLIN)
     while True:
+        heartbeat.beat()
         if sched.has_work():
             busy = sched.running or sched.waiting or sched.chunked or sched.inflight
             timeout = 0 if busy else _IDLE_POLL_MS
         else:
-            timeout = None  # idle: sleep until a message arrives
+            timeout = heartbeat.idle_ms  # idle: sleep until a message comes, waking to beat
         events = dict(poller.poll(timeout))
         while events.get(receiver) or receiver.poll(0):
             events = {}

@@ -13,6 +13,7 @@ import logging
 from dataclasses import dataclass, field
 
 from loom.runtime import messages as m
+from loom.runtime.watchdog import Heartbeat
 
 logger = logging.getLogger(__name__)
 
@@ -98,8 +99,17 @@ def _stop_prefix_holdback(text: str, stops: list[str]) -> int:
     return longest
 
 
-def run_detokenizer_process(tokenizer_path: str, in_addr: str, out_addr: str, log_level: str):
-    """Detokenizer process: scheduler outputs in, text deltas out; other messages pass."""
+def run_detokenizer_process(
+    tokenizer_path: str,
+    in_addr: str,
+    out_addr: str,
+    log_level: str,
+    heartbeat: Heartbeat,
+    ready_conn,
+) -> None:
+    """Detokenizer process: scheduler outputs in, text deltas out; other messages pass.
+    Every turn of its loop beats `heartbeat`, waking to beat while no message comes (so
+    the parent's watchdog tells an idle detokenizer from a stopped one)."""
     import zmq
     from transformers import AutoTokenizer
 
@@ -113,7 +123,11 @@ def run_detokenizer_process(tokenizer_path: str, in_addr: str, out_addr: str, lo
     receiver.bind(in_addr)
     sender = ctx.socket(zmq.PUSH)
     sender.connect(out_addr)
+    ready_conn.send(m.DetokenizerReady())
     while True:
+        heartbeat.beat()
+        if not receiver.poll(heartbeat.idle_ms):
+            continue
         msg = receiver.recv_pyobj()
         if isinstance(msg, m.ShutdownRequest):
             break

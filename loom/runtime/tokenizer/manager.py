@@ -16,8 +16,9 @@ from loom.runtime.tokenizer.results import RequestState
 logger = logging.getLogger(__name__)
 
 
-class SchedulerDeadError(RuntimeError):
-    """The scheduler process is gone; requests cannot be served."""
+class EngineDeadError(RuntimeError):
+    """A child process (scheduler or detokenizer) exited, crashed or hung: no request can
+    be served until the Engine (the server) is restarted."""
 
 
 class TokenizerManager:
@@ -46,15 +47,18 @@ class TokenizerManager:
         self.ctx.destroy(linger=0)
 
     def mark_dead(self, reason: str) -> None:
-        """The scheduler is gone: fail everything in flight and every later request."""
+        """A child process is gone or hung (a crash report, or the Engine's watchdog): fail
+        everything in flight and every later request. The first reason is the one kept."""
         if self.dead is None:
             self.dead = reason
             logger.error("%s", reason)
         for state, queue in list(self.states.values()):
-            queue.put_nowait((state, SchedulerDeadError(reason)))
+            queue.put_nowait((state, EngineDeadError(reason)))
         for waiters in self.replies.values():
             while waiters:
-                waiters.popleft().set_exception(SchedulerDeadError(reason))
+                waiter = waiters.popleft()
+                if not waiter.done():  # its caller may have gone (cancelled)
+                    waiter.set_exception(EngineDeadError(reason))
 
     async def _receive_loop(self) -> None:
         while True:
@@ -80,7 +84,7 @@ class TokenizerManager:
 
     def check_alive(self) -> None:
         if self.dead is not None:
-            raise SchedulerDeadError(self.dead)
+            raise EngineDeadError(self.dead)
 
     def check_new(self, items: list[Item]) -> None:
         """Raises unless expanded items may be sent now: the scheduler lives and none of
@@ -133,7 +137,7 @@ class TokenizerManager:
 
     async def _ask(self, request, reply_type: type):
         if self.dead is not None:
-            raise SchedulerDeadError(self.dead)
+            raise EngineDeadError(self.dead)
         future = asyncio.get_running_loop().create_future()
         self.replies[reply_type].append(future)
         self.sender.send_pyobj(request)
