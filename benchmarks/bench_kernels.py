@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from bench_one_batch import copy_bandwidth
 
 from loom.radix.pool import KVCachePool, ReqToTokenPool
-from loom.runtime.executor.forward_batch import ForwardBatch, ForwardMode
+from loom.runtime.forward import ForwardBatch, ForwardMode
 from loom.runtime.layers.attention.base import Attention
 from loom.runtime.layers.attention.torch_native import TorchNativeBackend
 

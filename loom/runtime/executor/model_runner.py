@@ -4,15 +4,14 @@ from __future__ import annotations
 
 import itertools
 import logging
-from dataclasses import dataclass
 
 import torch
 from transformers import AutoConfig
 
 from loom.radix.pool import KVAllocator, KVCachePool, ReqToTokenPool
 from loom.runtime.args import ServerArgs
-from loom.runtime.executor.forward_batch import ForwardBatch, ForwardMode
 from loom.runtime.executor.host_copy import to_device
+from loom.runtime.forward import ForwardBatch, ForwardMode, LogitsOutput
 from loom.runtime.layers.attention.base import Attention, AttentionBackend
 from loom.runtime.layers.rotary import RotaryEmbedding
 from loom.runtime.models.llama import head_dim_of
@@ -22,14 +21,6 @@ from loom.runtime.models.registry import model_class
 logger = logging.getLogger(__name__)
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-@dataclass
-class LogitsOutput:
-    next_logits: torch.Tensor  # (bs, vocab) model dtype: logits after each request's last token
-    # EXTEND only, per request: float32 logits of new tokens from logits_start on (n_i, vocab),
-    # or None
-    prompt_logits: list[torch.Tensor | None]
 
 
 def resolve_device(name: str) -> torch.device:

@@ -12,7 +12,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from loom.runtime.executor.forward_batch import ForwardBatch, ForwardMode
+from loom.runtime.forward import ForwardBatch, ForwardMode
 from loom.runtime.layers import rope_store, small_batch
 from loom.runtime.layers.attention.base import Attention
 from loom.runtime.layers.mlp import GatedMLP

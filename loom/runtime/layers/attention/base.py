@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from loom.radix.pool import KVCachePool, ReqToTokenPool
-from loom.runtime.executor.forward_batch import ForwardBatch, ForwardMode
+from loom.runtime.forward import ForwardBatch, ForwardMode
 
 
 class AttentionBackend(ABC):

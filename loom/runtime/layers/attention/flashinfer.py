@@ -17,7 +17,7 @@ import flashinfer
 import torch
 
 from loom.radix.pool import KVCachePool, ReqToTokenPool
-from loom.runtime.executor.forward_batch import ForwardBatch, ForwardMode
+from loom.runtime.forward import ForwardBatch, ForwardMode
 from loom.runtime.layers.attention.base import Attention, AttentionBackend
 
 _WORKSPACE_BYTES = 256 << 20
