@@ -8,12 +8,14 @@ import logging
 import torch
 from transformers import AutoConfig
 
-from loom.radix.pool import KVAllocator, KVCachePool, ReqToTokenPool
 from loom.runtime.args import ServerArgs
 from loom.runtime.executor.host_copy import to_device
 from loom.runtime.forward import ForwardBatch, ForwardMode, LogitsOutput
 from loom.runtime.layers.attention.base import Attention, AttentionBackend
 from loom.runtime.layers.rotary import RotaryEmbedding
+from loom.runtime.memory.allocator import KVAllocator
+from loom.runtime.memory.kv_pool import KVCachePool
+from loom.runtime.memory.req_to_token import ReqToTokenPool
 from loom.runtime.models.llama import head_dim_of
 from loom.runtime.models.loader import init_dummy_weights, iter_folder_weights
 from loom.runtime.models.registry import model_class
@@ -46,7 +48,7 @@ class ModelRunner:
         self.attn_backend = self._make_attention_backend()
         for module in self.model.modules():
             if isinstance(module, Attention):
-                module.backend = self.attn_backend
+                module.bind(self.attn_backend, self.kv_pool.layer(module.layer_id))
         self.cuda_graphs = self._maybe_capture_cuda_graphs()
 
     # ---- setup -------------------------------------------------------------------------
@@ -145,7 +147,7 @@ class ModelRunner:
                 return FlashInferBackend(self.req_to_token_pool, self.kv_pool, self.model)
         from loom.runtime.layers.attention.torch_native import TorchNativeBackend
 
-        return TorchNativeBackend(self.req_to_token_pool, self.kv_pool)
+        return TorchNativeBackend(self.req_to_token_pool)
 
     def _maybe_capture_cuda_graphs(self):
         if self.device.type != "cuda" or self.args.disable_cuda_graph:
