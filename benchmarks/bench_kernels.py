@@ -32,10 +32,11 @@ import torch
 import torch.nn.functional as F
 from bench_one_batch import copy_bandwidth
 
-from loom.radix.pool import KVCachePool, ReqToTokenPool
-from loom.runtime.executor.forward_batch import ForwardBatch, ForwardMode
+from loom.runtime.forward import ForwardBatch, ForwardMode
 from loom.runtime.layers.attention.base import Attention
 from loom.runtime.layers.attention.torch_native import TorchNativeBackend
+from loom.runtime.memory.kv_pool import KVCachePool
+from loom.runtime.memory.req_to_token import ReqToTokenPool
 
 SMOKE = dict(device="cpu", batch_sizes="1,2", context_len=16)
 
@@ -183,14 +184,14 @@ def _torch_native_decode_us(kv, q, lens, indices) -> float:
     bs, heads, d = q.shape
     kv_heads, dev = kv.shape[3], q.device
     pool = KVCachePool(kv.shape[0] - 1, 1, kv_heads, d, kv.dtype, dev)
-    pool.kv_buffers[0].copy_(kv[:, :, 0])
+    pool.layer(0).buffer.copy_(kv[:, :, 0])
     table = ReqToTokenPool(bs, int(lens.max()), dev)
     starts = [0, *torch.cumsum(lens, 0).tolist()]
     for row in range(bs):
         table.write(row, 0, indices[starts[row] : starts[row + 1]])
-    backend = TorchNativeBackend(table, pool)
+    backend = TorchNativeBackend(table)
     layer = Attention(0, heads, kv_heads, d, d**-0.5)
-    layer.backend = backend
+    layer.bind(backend, pool.layer(0))
     batch = ForwardBatch(
         mode=ForwardMode.DECODE,
         batch_size=bs,

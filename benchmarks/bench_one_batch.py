@@ -20,9 +20,9 @@ import time
 import smoke
 import torch
 
-from loom.radix.pool import KVCachePool
 from loom.runtime.args import ServerArgs
 from loom.runtime.executor.model_runner import ModelRunner
+from loom.runtime.memory.kv_pool import KVCachePool
 from loom.runtime.models.llama import head_dim_of
 from loom.runtime.sampling_params import SamplingParams
 from loom.runtime.scheduler import batch as batching

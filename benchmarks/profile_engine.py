@@ -29,9 +29,9 @@ import torch
 from bench_one_batch import sync
 
 from loom.runtime.args import ServerArgs
-from loom.runtime.executor.forward_batch import ForwardMode
 from loom.runtime.executor.host_copy import HostCopy
 from loom.runtime.executor.model_runner import ModelRunner
+from loom.runtime.forward import ForwardMode
 from loom.runtime.messages import GenerateRequest
 from loom.runtime.sampling_params import SamplingParams
 from loom.runtime.scheduler import batch as batching

@@ -1,12 +1,12 @@
 """The KV pool's store: K and V of a fused QKV output go in with one indexed store, any
-other K / V with two; both leave the same values in the buffers, and k_buffers /
-v_buffers read back what was stored."""
+other K / V with two; both leave the same values in the layer's buffer, and its k / v
+views read back what was stored."""
 
 from __future__ import annotations
 
 import torch
 
-from loom.radix.pool import KVCachePool, _side_by_side
+from loom.runtime.memory.kv_pool import KVCachePool, _side_by_side
 
 HEADS, KV_HEADS, DIM = 4, 2, 8
 
@@ -38,21 +38,21 @@ def test_store_writes_the_same_either_way() -> None:
     _, k, v = qkv_views(3)
     fused = KVCachePool(8, 2, KV_HEADS, DIM, torch.float32, "cpu")
     split = KVCachePool(8, 2, KV_HEADS, DIM, torch.float32, "cpu")
-    fused.store(1, slots, k, v)
-    split.store(1, slots, k.clone(), v.clone())
+    fused.layer(1).store(slots, k, v)
+    split.layer(1).store(slots, k.clone(), v.clone())
     for pool in (fused, split):
-        assert torch.equal(pool.k_buffers[1][slots], k)
-        assert torch.equal(pool.v_buffers[1][slots], v)
-        assert not pool.kv_buffers[0].any()  # other layers untouched
+        assert torch.equal(pool.layer(1).k[slots], k)
+        assert torch.equal(pool.layer(1).v[slots], v)
+        assert not pool.layer(0).buffer.any()  # other layers untouched
         untouched = torch.ones(9, dtype=torch.bool)
         untouched[slots] = False
-        assert not pool.kv_buffers[1][untouched].any()
-    assert torch.equal(fused.kv_buffers[1], split.kv_buffers[1])
+        assert not pool.layer(1).buffer[untouched].any()
+    assert torch.equal(fused.layer(1).buffer, split.layer(1).buffer)
 
 
 def test_store_casts_to_the_pool_dtype() -> None:
     _, k, v = qkv_views(2)
     pool = KVCachePool(4, 1, KV_HEADS, DIM, torch.bfloat16, "cpu")
-    pool.store(0, torch.tensor([1, 2]), k, v)
-    assert torch.equal(pool.k_buffers[0][1:3], k.to(torch.bfloat16))
-    assert torch.equal(pool.v_buffers[0][1:3], v.to(torch.bfloat16))
+    pool.layer(0).store(torch.tensor([1, 2]), k, v)
+    assert torch.equal(pool.layer(0).k[1:3], k.to(torch.bfloat16))
+    assert torch.equal(pool.layer(0).v[1:3], v.to(torch.bfloat16))

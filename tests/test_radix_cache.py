@@ -11,7 +11,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 
 from loom.radix.cache import RadixCache, TreeNode, common_prefix_len
 from loom.radix.chunk_cache import ChunkCache
-from loom.radix.pool import KVAllocator
+from loom.runtime.memory.allocator import KVAllocator
 
 POOL = 256
 ALPHABET = (0, 1, 2)  # tiny, so prefixes collide and edges split often

@@ -22,7 +22,7 @@ from collections.abc import Iterator, Sequence
 import torch
 
 from loom.radix.base import MatchResult, PrefixCache
-from loom.radix.pool import KVAllocator
+from loom.runtime.memory.allocator import KVAllocator
 
 _CHUNK = 64  # keys are compared a chunk at a time so the Python loop runs rarely
 

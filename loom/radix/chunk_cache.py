@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from loom.radix.base import MatchResult, PrefixCache
-from loom.radix.pool import KVAllocator
+from loom.runtime.memory.allocator import KVAllocator
 
 
 class _Root:

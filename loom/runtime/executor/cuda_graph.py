@@ -12,7 +12,7 @@ import logging
 
 import torch
 
-from loom.runtime.executor.forward_batch import ForwardBatch, ForwardMode
+from loom.runtime.forward import ForwardBatch, ForwardMode
 
 logger = logging.getLogger(__name__)
 

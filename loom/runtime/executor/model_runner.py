@@ -4,17 +4,18 @@ from __future__ import annotations
 
 import itertools
 import logging
-from dataclasses import dataclass
 
 import torch
 from transformers import AutoConfig
 
-from loom.radix.pool import KVAllocator, KVCachePool, ReqToTokenPool
 from loom.runtime.args import ServerArgs
-from loom.runtime.executor.forward_batch import ForwardBatch, ForwardMode
 from loom.runtime.executor.host_copy import to_device
+from loom.runtime.forward import ForwardBatch, ForwardMode, LogitsOutput
 from loom.runtime.layers.attention.base import Attention, AttentionBackend
 from loom.runtime.layers.rotary import RotaryEmbedding
+from loom.runtime.memory.allocator import KVAllocator
+from loom.runtime.memory.kv_pool import KVCachePool
+from loom.runtime.memory.req_to_token import ReqToTokenPool
 from loom.runtime.models.llama import head_dim_of
 from loom.runtime.models.loader import init_dummy_weights, iter_folder_weights
 from loom.runtime.models.registry import model_class
@@ -22,14 +23,6 @@ from loom.runtime.models.registry import model_class
 logger = logging.getLogger(__name__)
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-@dataclass
-class LogitsOutput:
-    next_logits: torch.Tensor  # (bs, vocab) model dtype: logits after each request's last token
-    # EXTEND only, per request: float32 logits of new tokens from logits_start on (n_i, vocab),
-    # or None
-    prompt_logits: list[torch.Tensor | None]
 
 
 def resolve_device(name: str) -> torch.device:
@@ -55,7 +48,7 @@ class ModelRunner:
         self.attn_backend = self._make_attention_backend()
         for module in self.model.modules():
             if isinstance(module, Attention):
-                module.backend = self.attn_backend
+                module.bind(self.attn_backend, self.kv_pool.layer(module.layer_id))
         self.cuda_graphs = self._maybe_capture_cuda_graphs()
 
     # ---- setup -------------------------------------------------------------------------
@@ -154,7 +147,7 @@ class ModelRunner:
                 return FlashInferBackend(self.req_to_token_pool, self.kv_pool, self.model)
         from loom.runtime.layers.attention.torch_native import TorchNativeBackend
 
-        return TorchNativeBackend(self.req_to_token_pool, self.kv_pool)
+        return TorchNativeBackend(self.req_to_token_pool)
 
     def _maybe_capture_cuda_graphs(self):
         if self.device.type != "cuda" or self.args.disable_cuda_graph:

@@ -12,7 +12,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from loom.runtime.executor.forward_batch import ForwardBatch, ForwardMode
+from loom.runtime.forward import ForwardBatch, ForwardMode
 from loom.runtime.layers import rope_store, small_batch
 from loom.runtime.layers.attention.base import Attention
 from loom.runtime.layers.mlp import GatedMLP
@@ -72,7 +72,7 @@ class LlamaAttention(nn.Module):
                 qkv,
                 positions,
                 self.rotary.cos_sin,
-                core.backend.kv_pool.kv_buffers[core.layer_id],
+                core.kv.buffer,
                 batch.out_cache_loc,
                 self.num_heads,
                 self.num_kv_heads,
@@ -97,7 +97,7 @@ class LlamaAttention(nn.Module):
         return (
             not self.has_qk_norm()
             and rope_store.available(qkv, self.head_dim)
-            and self.attn.backend.kv_pool.dtype == qkv.dtype
+            and self.attn.kv.dtype == qkv.dtype
         )
 
     def load_shard(self, param: nn.Parameter, shard, weight: torch.Tensor) -> None:
@@ -154,7 +154,7 @@ class LlamaDecoderLayer(nn.Module):
             batch.positions,
             batch.out_cache_loc,
             attn.rotary.cos_sin,
-            core.backend.kv_pool.kv_buffers[core.layer_id],
+            core.kv.buffer,
             attn.num_heads,
             attn.num_kv_heads,
             attn.head_dim,
@@ -219,8 +219,8 @@ class LlamaForCausalLM(nn.Module):
             return False
         if self._small_batch_layers is None:
             self._small_batch_layers = all(layer.supports_small_batch() for layer in self.layers)
-        backend = self.layers[0].self_attn.attn.backend
-        return self._small_batch_layers and backend.kv_pool.dtype == weight.dtype
+        kv = self.layers[0].self_attn.attn.kv
+        return self._small_batch_layers and kv.dtype == weight.dtype
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """In the model's dtype: the sampler widens them only when it needs to (a greedy

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import torch
 
-from loom.radix.pool import ReqToTokenPool
-from loom.runtime.executor.forward_batch import ForwardBatch, ForwardMode
 from loom.runtime.executor.host_copy import to_device
 from loom.runtime.executor.sampler import SamplingBatch
+from loom.runtime.forward import ForwardBatch, ForwardMode
+from loom.runtime.memory.req_to_token import ReqToTokenPool
 from loom.runtime.scheduler.request import Req
 
 

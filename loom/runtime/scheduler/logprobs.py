@@ -6,8 +6,8 @@ from __future__ import annotations
 import torch
 
 from loom.runtime.executor.host_copy import HostCopy
-from loom.runtime.executor.model_runner import LogitsOutput
 from loom.runtime.executor.sampler import token_logprobs
+from loom.runtime.forward import LogitsOutput
 from loom.runtime.scheduler import batch as batching
 from loom.runtime.scheduler.request import Req
 

@@ -25,9 +25,9 @@ from transformers import AutoTokenizer
 
 from loom.runtime import messages as m
 from loom.runtime.args import ServerArgs
-from loom.runtime.executor.forward_batch import ForwardBatch
 from loom.runtime.executor.host_copy import take_rows
-from loom.runtime.executor.model_runner import LogitsOutput, ModelRunner
+from loom.runtime.executor.model_runner import ModelRunner
+from loom.runtime.forward import ForwardBatch, LogitsOutput
 from loom.runtime.scheduler import batch as batching
 from loom.runtime.scheduler import parts
 from loom.runtime.scheduler.admission import PrefillAdder, admissibility_problem

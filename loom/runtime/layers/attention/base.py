@@ -7,24 +7,24 @@ from abc import ABC, abstractmethod
 import torch
 from torch import nn
 
-from loom.radix.pool import KVCachePool, ReqToTokenPool
-from loom.runtime.executor.forward_batch import ForwardBatch, ForwardMode
+from loom.runtime.forward import ForwardBatch, ForwardMode
+from loom.runtime.memory.kv_pool import LayerKV
+from loom.runtime.memory.req_to_token import ReqToTokenPool
 
 
 class AttentionBackend(ABC):
     """Attention over the token-granular KV pool.
 
     `plan` runs once per batch (before the model's layers); `extend` and `decode` run once
-    per layer on that batch. The new tokens' K/V are already stored in the pool at
-    batch.out_cache_loc when they are called; the request's full KV is
+    per layer on that batch. The new tokens' K/V are already stored in the layer's KV
+    (`layer.kv`) at batch.out_cache_loc when they are called; the request's full KV is
     req_to_token[req_pool_indices[i], :seq_lens[i]].
     """
 
     supports_cuda_graph = False  # decode can be captured (fixed-address plan buffers)
 
-    def __init__(self, req_to_token_pool: ReqToTokenPool, kv_pool: KVCachePool):
+    def __init__(self, req_to_token_pool: ReqToTokenPool):
         self.req_to_token_pool = req_to_token_pool
-        self.kv_pool = kv_pool
 
     @abstractmethod
     def plan(self, batch: ForwardBatch) -> None:
@@ -40,7 +40,7 @@ class AttentionBackend(ABC):
 
 
 class Attention(nn.Module):
-    """Stores the new K/V in the pool, then attends through the batch's backend."""
+    """Stores the new K/V in its layer's KV, then attends through the batch's backend."""
 
     def __init__(self, layer_id: int, num_heads: int, num_kv_heads: int, head_dim: int, scale):
         super().__init__()
@@ -49,12 +49,18 @@ class Attention(nn.Module):
         self.num_kv_heads = num_kv_heads
         self.head_dim = head_dim
         self.scale = scale
-        self.backend: AttentionBackend | None = None  # set by the model runner
+        self.backend: AttentionBackend | None = None  # set by the model runner (bind)
+        self.kv: LayerKV | None = None  # this layer's slice of the KV pool, likewise
+
+    def bind(self, backend: AttentionBackend, kv: LayerKV) -> None:
+        """Hands the layer the backend it attends through and its own layer's KV."""
+        self.backend = backend
+        self.kv = kv
 
     def forward(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: ForwardBatch
     ) -> torch.Tensor:
-        self.backend.kv_pool.store(self.layer_id, batch.out_cache_loc, k, v)
+        self.kv.store(batch.out_cache_loc, k, v)
         return self.attend(q, batch)
 
     def attend(self, q: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:

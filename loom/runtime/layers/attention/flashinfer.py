@@ -16,9 +16,10 @@ from dataclasses import dataclass
 import flashinfer
 import torch
 
-from loom.radix.pool import KVCachePool, ReqToTokenPool
-from loom.runtime.executor.forward_batch import ForwardBatch, ForwardMode
+from loom.runtime.forward import ForwardBatch, ForwardMode
 from loom.runtime.layers.attention.base import Attention, AttentionBackend
+from loom.runtime.memory.kv_pool import KVCachePool
+from loom.runtime.memory.req_to_token import ReqToTokenPool
 
 _WORKSPACE_BYTES = 256 << 20
 # Above this many rows, decode uses the CUDA-core kernel even when query heads share KV
@@ -41,7 +42,7 @@ class FlashInferBackend(AttentionBackend):
     supports_cuda_graph = True
 
     def __init__(self, req_to_token_pool: ReqToTokenPool, kv_pool: KVCachePool, model):
-        super().__init__(req_to_token_pool, kv_pool)
+        super().__init__(req_to_token_pool)
         layer = next(m for m in model.modules() if isinstance(m, Attention))
         self.num_heads, self.num_kv_heads = layer.num_heads, layer.num_kv_heads
         self.head_dim, self.scale = layer.head_dim, layer.scale
@@ -62,7 +63,7 @@ class FlashInferBackend(AttentionBackend):
         self._plan_pending = False
         self._ones: torch.Tensor | None = None
         # (pages, 2, page_size 1, kv_heads, head_dim): FlashInfer's combined NHD layout.
-        self.caches = [kv.unsqueeze(2) for kv in kv_pool.kv_buffers]
+        self.caches = [kv_pool.layer(i).buffer.unsqueeze(2) for i in range(kv_pool.num_layers)]
 
     def _tensor_cores(self, bs: int) -> bool:
         """Whether a decode batch of bs rows takes the tensor-core kernel: the faster one

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from loom.runtime.executor.forward_batch import ForwardBatch, ForwardMode
+from loom.runtime.forward import ForwardBatch, ForwardMode
 from loom.runtime.layers.attention.base import Attention, AttentionBackend
 
 
@@ -51,8 +51,7 @@ class TorchNativeBackend(AttentionBackend):
 
     def extend(self, q: torch.Tensor, layer: Attention, batch: ForwardBatch) -> torch.Tensor:
         plan: _ExtendPlan = batch.attn_metadata
-        k_buf = self.kv_pool.k_buffers[layer.layer_id]
-        v_buf = self.kv_pool.v_buffers[layer.layer_id]
+        k_buf, v_buf = layer.kv.k, layer.kv.v
         out = torch.empty_like(q)
         for kv_idx, mask, start in zip(plan.kv_indices, plan.masks, plan.q_offsets):
             n = mask.shape[0]
@@ -67,8 +66,8 @@ class TorchNativeBackend(AttentionBackend):
 
     def decode(self, q: torch.Tensor, layer: Attention, batch: ForwardBatch) -> torch.Tensor:
         plan: _DecodePlan = batch.attn_metadata
-        k = self.kv_pool.k_buffers[layer.layer_id][plan.kv_indices].to(q.dtype)
-        v = self.kv_pool.v_buffers[layer.layer_id][plan.kv_indices].to(q.dtype)
+        k = layer.kv.k[plan.kv_indices].to(q.dtype)
+        v = layer.kv.v[plan.kv_indices].to(q.dtype)
         out = F.scaled_dot_product_attention(
             q.unsqueeze(2),  # (bs, heads, 1, d)
             k.permute(0, 2, 1, 3),  # (bs, kv_heads, max_len, d)

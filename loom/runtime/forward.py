@@ -1,4 +1,8 @@
-"""What one forward step runs: the tensors the model and attention backends read."""
+"""What one forward step reads and returns: the batch the model and attention backends
+read, and the logits the runner hands back.
+
+A neutral home below the executor, the models and the layers: each of them imports these
+types downward, none reaches up into another for them."""
 
 from __future__ import annotations
 
@@ -38,3 +42,11 @@ class ForwardBatch:
     @property
     def num_tokens(self) -> int:
         return self.input_ids.numel()
+
+
+@dataclass
+class LogitsOutput:
+    next_logits: torch.Tensor  # (bs, vocab) model dtype: logits after each request's last token
+    # EXTEND only, per request: float32 logits of new tokens from logits_start on (n_i, vocab),
+    # or None
+    prompt_logits: list[torch.Tensor | None]
