@@ -46,7 +46,7 @@ from json_workload import CASES, PERSON, Replay, jsonschemabench_cases, person_w
 from loom.runtime import messages as m
 from loom.runtime.args import ServerArgs
 from loom.runtime.models.model_source import resolve_model_path
-from loom.runtime.sampling_params import SamplingParams
+from loom.runtime.sampling.params import SamplingParams
 from loom.runtime.scheduler import sampling
 from loom.runtime.scheduler.scheduler import Scheduler
 

@@ -24,7 +24,7 @@ from loom.runtime.args import ServerArgs
 from loom.runtime.executor.model_runner import ModelRunner
 from loom.runtime.memory.kv_pool import KVCachePool
 from loom.runtime.models.llama import head_dim_of
-from loom.runtime.sampling_params import SamplingParams
+from loom.runtime.sampling.params import SamplingParams
 from loom.runtime.scheduler import batch as batching
 from loom.runtime.scheduler.request import Req
 

@@ -11,7 +11,7 @@ import sys
 import typing
 
 from loom.runtime.args import ServerArgs, scalar_type
-from loom.runtime.sampling_params import SamplingParams
+from loom.runtime.sampling.params import SamplingParams
 
 _SAMPLING_FLAGS = [
     f for f in dataclasses.fields(SamplingParams) if f.name not in ("n", "json_schema_lenient")
@@ -39,7 +39,7 @@ def _sampling_from(ns: argparse.Namespace) -> dict:
 
 def _generate(ns: argparse.Namespace) -> int:
     from loom.runtime.engine import Engine
-    from loom.runtime.sampling_params import InvalidRequestError
+    from loom.runtime.sampling.params import InvalidRequestError
 
     args = ServerArgs.from_cli(ns)
     sampling = _sampling_from(ns)

@@ -21,7 +21,7 @@ import pytest
 from loom.runtime.args import ServerArgs
 from loom.runtime.engine import Engine
 from loom.runtime.messages import GenerateRequest
-from loom.runtime.sampling_params import InvalidRequestError, SamplingParams
+from loom.runtime.sampling.params import InvalidRequestError, SamplingParams
 from loom.runtime.scheduler.scheduler import Scheduler
 
 _STR = {"type": "string"}

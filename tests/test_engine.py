@@ -14,7 +14,7 @@ import torch
 from loom.backends.base import GenRequest
 from loom.backends.engine_backend import EngineBackend
 from loom.runtime.engine import Engine, EngineClosedError
-from loom.runtime.sampling_params import InvalidRequestError
+from loom.runtime.sampling.params import InvalidRequestError
 from tests.http_helpers import wait_until
 from tests.tiny_models import VOCAB, hf_greedy, load_reference
 

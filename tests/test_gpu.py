@@ -12,7 +12,7 @@ from loom.runtime.args import ServerArgs
 from loom.runtime.executor.model_runner import ModelRunner
 from loom.runtime.layers import small_batch
 from loom.runtime.messages import GenerateRequest
-from loom.runtime.sampling_params import SamplingParams
+from loom.runtime.sampling.params import SamplingParams
 from loom.runtime.scheduler import batch as batching
 from loom.runtime.scheduler.request import Req
 from tests.test_models import make_scheduler, random_prompts, run_scheduler

@@ -12,7 +12,7 @@ import torch
 
 from loom.runtime.engine import Engine
 from loom.runtime.messages import GenerateRequest
-from loom.runtime.sampling_params import InvalidRequestError, SamplingParams
+from loom.runtime.sampling.params import InvalidRequestError, SamplingParams
 from loom.runtime.scheduler.scheduler import Scheduler
 from tests.test_models import make_scheduler
 from tests.tiny_models import VOCAB

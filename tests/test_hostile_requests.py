@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from loom.runtime.executor.sampler import sample
 from loom.runtime.messages import GenerateRequest
-from loom.runtime.sampling_params import InvalidRequestError, SamplingParams
+from loom.runtime.sampling.params import InvalidRequestError, SamplingParams
+from loom.runtime.sampling.sampler import sample
 from loom.runtime.tokenizer.inputs import GenerateInput, InputLimits, expand
 from tests.test_models import make_scheduler
 from tests.test_sampler import batch_of, make_req

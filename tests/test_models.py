@@ -9,7 +9,7 @@ from loom.runtime.args import ServerArgs
 from loom.runtime.executor.model_runner import ModelRunner
 from loom.runtime.messages import GenerateRequest
 from loom.runtime.models.registry import UnsupportedArchitectureError
-from loom.runtime.sampling_params import SamplingParams
+from loom.runtime.sampling.params import SamplingParams
 from loom.runtime.scheduler import batch as batching
 from loom.runtime.scheduler.request import Req
 from loom.runtime.scheduler.scheduler import Scheduler

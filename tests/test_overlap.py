@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 
 from loom.runtime.messages import GenerateRequest
-from loom.runtime.sampling_params import SamplingParams
+from loom.runtime.sampling.params import SamplingParams
 from loom.runtime.scheduler.scheduler import Scheduler
 from tests.test_models import make_scheduler
 from tests.tiny_models import VOCAB

@@ -8,7 +8,7 @@ import torch
 
 from loom.runtime.engine import Engine
 from loom.runtime.messages import GenerateRequest
-from loom.runtime.sampling_params import SamplingParams
+from loom.runtime.sampling.params import SamplingParams
 from tests.test_models import make_scheduler, run_scheduler
 from tests.tiny_models import VOCAB, hf_greedy, load_reference
 

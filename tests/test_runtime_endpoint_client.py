@@ -15,7 +15,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from loom.backends.runtime_endpoint import RuntimeEndpoint, RuntimeEndpointError
-from loom.runtime.sampling_params import InvalidRequestError
+from loom.runtime.sampling.params import InvalidRequestError
 from tests.http_helpers import wait_until
 
 WAIT_S = 60  # bounds waits that only a broken client or server would reach

@@ -13,15 +13,11 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from transformers import RepetitionPenaltyLogitsProcessor
 
-from loom.runtime.executor.sampler import (
-    apply_penalties,
-    filter_probs,
-    sample,
-    token_logprobs,
-    uniform_from_seed,
-)
-from loom.runtime.sampling_params import SamplingParams
-from loom.runtime.scheduler.batch import sampling_batch
+from loom.runtime.sampling.batch import sampling_batch
+from loom.runtime.sampling.logprobs import token_logprobs
+from loom.runtime.sampling.params import SamplingParams
+from loom.runtime.sampling.penalties import apply_penalties
+from loom.runtime.sampling.sampler import filter_probs, sample, uniform_from_seed
 from loom.runtime.scheduler.request import Req
 
 CPU = torch.device("cpu")

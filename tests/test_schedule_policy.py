@@ -11,7 +11,7 @@ from loom.radix.base import PrefixCache
 from loom.radix.cache import RadixCache
 from loom.radix.chunk_cache import ChunkCache
 from loom.runtime.memory.allocator import KVAllocator
-from loom.runtime.sampling_params import SamplingParams
+from loom.runtime.sampling.params import SamplingParams
 from loom.runtime.scheduler.policy import SchedulePolicy
 from loom.runtime.scheduler.request import Req
 

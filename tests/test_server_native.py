@@ -13,7 +13,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from loom.backends.runtime import Runtime
 from loom.runtime.engine import Engine
-from loom.runtime.sampling_params import InvalidRequestError
+from loom.runtime.sampling.params import InvalidRequestError
 from tests.http_helpers import (
     alive,
     ipc_dirs,

@@ -16,8 +16,8 @@ import pytest
 
 from loom.runtime.executor.model_runner import ModelRunner
 from loom.runtime.messages import GenerateRequest
-from loom.runtime.sampling_params import SamplingParams
-from loom.runtime.scheduler import batch as batching
+from loom.runtime.sampling import batch as sampling_batches
+from loom.runtime.sampling.params import SamplingParams
 from loom.runtime.scheduler import scheduler as scheduler_module
 from loom.runtime.scheduler.finish import FinishChecker
 from loom.runtime.scheduler.jump_forward import JumpForward
@@ -77,9 +77,9 @@ def raising_for_bad(original, error: Exception, when=lambda *args: True):
 FAULTS = {
     # the sampling batch of any step holding "bad" (the seed overflow's place)
     "sampling batch": lambda mp: mp.setattr(
-        batching,
+        sampling_batches,
         "sampling_batch",
-        raising_for_bad(batching.sampling_batch, OverflowError("injected: long too big")),
+        raising_for_bad(sampling_batches.sampling_batch, OverflowError("injected: long too big")),
     ),
     # "bad"'s finish check after its third token, while it holds KV mid-decode
     "finish check": lambda mp: mp.setattr(
@@ -142,14 +142,14 @@ def test_an_error_no_single_request_explains_propagates(tiny_llama, monkeypatch)
     fails, is the scheduler's or the device's error: the step raises (and process.py
     fails every request and exits)."""
     sched = make_scheduler(tiny_llama)
-    original = batching.sampling_batch
+    original = sampling_batches.sampling_batch
 
     def fails_for_batches(reqs, *args):
         if len(reqs) > 1:
             raise RuntimeError("injected: the batch fails")
         return original(reqs, *args)
 
-    monkeypatch.setattr(batching, "sampling_batch", fails_for_batches)
+    monkeypatch.setattr(sampling_batches, "sampling_batch", fails_for_batches)
     with pytest.raises(RuntimeError, match="the batch fails"):
         run(sched, requests())
     monkeypatch.undo()

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from loom.runtime.sampling_params import SamplingParams
+from loom.runtime.sampling.params import SamplingParams
 from loom.runtime.scheduler.request import Req
 from loom.runtime.scheduler.sampling import StepSampler
 

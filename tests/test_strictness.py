@@ -9,7 +9,7 @@ import pytest
 
 from loom.constrain.factory import create_grammar_backend
 from loom.constrain.strictness import close_schema, open_schema, open_schema_text
-from loom.runtime.sampling_params import SamplingParams
+from loom.runtime.sampling.params import SamplingParams
 from tests.grammar_helpers import make_tokenizer, model_vocab_size
 
 PERSON = {

@@ -10,7 +10,7 @@ import torch
 
 from loom.constrain import bitmask as masks
 from loom.constrain.whitespace import MAX_RUN, WhitespaceGuard, whitespace_token_ids
-from loom.runtime.sampling_params import SamplingParams
+from loom.runtime.sampling.params import SamplingParams
 from loom.runtime.scheduler.request import Req
 from loom.runtime.scheduler.sampling import StepSampler
 from tests.grammar_helpers import model_vocab_size

@@ -19,7 +19,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from loom.runtime.args import API_KEY_ENV
-from loom.runtime.sampling_params import InvalidRequestError
+from loom.runtime.sampling.params import InvalidRequestError
 
 HEALTH_TIMEOUT = 5.0
 JSON_HEADERS = {"Content-Type": "application/json"}

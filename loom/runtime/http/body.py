@@ -19,7 +19,7 @@ import re
 from fastapi import Request
 
 from loom.runtime.http.errors import APIError, as_api_error
-from loom.runtime.sampling_params import is_valid_unicode
+from loom.runtime.sampling.params import is_valid_unicode
 
 JSON_MEDIA_TYPE = "application/json"
 # Where a body can hold a surrogate at all: JSON's \u escapes (raw UTF-8 cannot encode one).

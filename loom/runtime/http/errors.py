@@ -12,7 +12,7 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException
 
-from loom.runtime.sampling_params import InvalidRequestError
+from loom.runtime.sampling.params import InvalidRequestError
 from loom.runtime.tokenizer.manager import EngineDeadError
 
 logger = logging.getLogger(__name__)

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from loom.runtime.messages import GenerateRequest
-from loom.runtime.sampling_params import SamplingParams
+from loom.runtime.sampling.params import SamplingParams
 
 _arrival = itertools.count()
 

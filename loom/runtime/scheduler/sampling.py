@@ -16,10 +16,12 @@ import torch
 from loom.constrain.bitmask import MaskRing
 from loom.constrain.whitespace import WhitespaceGuard
 from loom.runtime.executor.host_copy import HostCopy, take_rows, to_device
-from loom.runtime.executor.sampler import SamplingBatch, apply_penalties, sample
-from loom.runtime.scheduler import batch as batching
+from loom.runtime.sampling import batch as sampling_batches
+from loom.runtime.sampling.batch import SamplingBatch
+from loom.runtime.sampling.logprobs import OutputLogprobs
+from loom.runtime.sampling.penalties import apply_penalties
+from loom.runtime.sampling.sampler import sample
 from loom.runtime.scheduler.faults import find_culprits
-from loom.runtime.scheduler.logprobs import OutputLogprobs
 from loom.runtime.scheduler.request import Req
 
 
@@ -160,7 +162,7 @@ class StepSampler:
             raise culprits from exc
 
     def _build_sampling_batch(self, reqs: list[Req]) -> SamplingBatch:
-        return batching.sampling_batch(reqs, self.vocab_size, self.device, self.eos_ids)
+        return sampling_batches.sampling_batch(reqs, self.vocab_size, self.device, self.eos_ids)
 
     def without(self, step: ForwardedStep, rows: list[int]) -> ForwardedStep:
         """The step less some rows (their requests no longer sample in it)."""

@@ -28,6 +28,7 @@ from loom.runtime.args import ServerArgs
 from loom.runtime.executor.host_copy import take_rows
 from loom.runtime.executor.model_runner import ModelRunner
 from loom.runtime.forward import ForwardBatch, LogitsOutput
+from loom.runtime.sampling.logprobs import gather_prompt_logprobs
 from loom.runtime.scheduler import batch as batching
 from loom.runtime.scheduler import parts
 from loom.runtime.scheduler.admission import PrefillAdder, admissibility_problem
@@ -37,7 +38,6 @@ from loom.runtime.scheduler.grammar_wait import GrammarWait
 from loom.runtime.scheduler.info import server_info
 from loom.runtime.scheduler.jump_forward import JumpForward, drop_draft
 from loom.runtime.scheduler.kv_ops import KVOps
-from loom.runtime.scheduler.logprobs import gather_prompt_logprobs
 from loom.runtime.scheduler.output import take_output
 from loom.runtime.scheduler.policy import SchedulePolicy
 from loom.runtime.scheduler.request import FinishReason, Req

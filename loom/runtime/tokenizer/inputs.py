@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from loom.runtime.messages import GenerateRequest
-from loom.runtime.sampling_params import InvalidRequestError, SamplingParams, is_valid_unicode
+from loom.runtime.sampling.params import InvalidRequestError, SamplingParams, is_valid_unicode
 
 MAX_TOP_LOGPROBS = 64
 

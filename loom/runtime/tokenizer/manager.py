@@ -9,7 +9,7 @@ import logging
 from collections.abc import AsyncIterator
 
 from loom.runtime import messages as m
-from loom.runtime.sampling_params import InvalidRequestError
+from loom.runtime.sampling.params import InvalidRequestError
 from loom.runtime.tokenizer.inputs import GenerateInput, InputLimits, Item, expand
 from loom.runtime.tokenizer.results import RequestState
 

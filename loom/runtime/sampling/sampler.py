@@ -5,56 +5,16 @@ Sampling: temperature, then top-k, then top-p on the renormalized top-k distribu
 then min-p relative to the most likely token. The random draw is one uniform number per
 request per step, hashed from (seed, step) on the device, so a seeded request samples the
 same tokens whatever batch it lands in, and no host round trip is needed for it.
-Returned logprobs are those of the raw model distribution (before penalties, masks and
-temperature), as vLLM and the OpenAI API report them.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
+from loom.runtime.sampling.batch import SamplingBatch
+from loom.runtime.sampling.penalties import apply_bans
+
 _MASK32 = 0xFFFFFFFF
-
-
-@dataclass
-class SamplingBatch:
-    """Per-row sampling settings as device tensors (built once per step by the scheduler)."""
-
-    all_greedy: bool
-    need_top_k: bool
-    need_top_p: bool
-    need_min_p: bool
-    # Per-row settings; None when every row is greedy (argmax reads none of them).
-    temperatures: torch.Tensor | None = None  # (bs,) float32; 0 = greedy
-    top_ks: torch.Tensor | None = None  # (bs,) int64; vocab size = disabled
-    top_ps: torch.Tensor | None = None  # (bs,) float32
-    min_ps: torch.Tensor | None = None  # (bs,) float32
-    seeds: torch.Tensor | None = None  # (bs,) int64
-    steps: torch.Tensor | None = None  # (bs,) int64: tokens already generated
-    # Penalties (None when no row uses them).
-    repetition_penalties: torch.Tensor | None = None  # (bs,)
-    frequency_penalties: torch.Tensor | None = None  # (bs,)
-    presence_penalties: torch.Tensor | None = None  # (bs,)
-    output_counts: torch.Tensor | None = None  # (bs, vocab) counts of generated tokens
-    seen_tokens: torch.Tensor | None = None  # (bs, vocab) bool: in prompt or output
-    # (row, token) pairs to forbid this step (min_new_tokens not reached: EOS and stops).
-    banned_rows: torch.Tensor | None = None
-    banned_tokens: torch.Tensor | None = None
-
-
-def apply_penalties(logits: torch.Tensor, sb: SamplingBatch) -> None:
-    if sb.repetition_penalties is not None:
-        # HF's rule over prompt and output tokens: divide positive logits, multiply negative.
-        pen = sb.repetition_penalties[:, None]
-        penalized = torch.where(logits > 0, logits / pen, logits * pen)
-        logits.copy_(torch.where(sb.seen_tokens, penalized, logits))
-    if sb.frequency_penalties is not None:
-        # OpenAI's rule over output tokens: logit -= count * frequency + (count > 0) * presence
-        counts = sb.output_counts
-        logits -= counts * sb.frequency_penalties[:, None]
-        logits -= (counts > 0).float() * sb.presence_penalties[:, None]
 
 
 def filter_probs(
@@ -94,8 +54,7 @@ def _hash32(x: torch.Tensor) -> torch.Tensor:
 
 def sample(logits: torch.Tensor, sb: SamplingBatch) -> torch.Tensor:
     """Next token per row (int64). `logits` is modified in place."""
-    if sb.banned_rows is not None:
-        logits[sb.banned_rows, sb.banned_tokens] = float("-inf")
+    apply_bans(logits, sb)
     greedy = logits.argmax(dim=-1)
     if sb.all_greedy:
         return greedy
@@ -125,15 +84,3 @@ def _draw(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     cdf = probs.double().cumsum(dim=-1)
     index = torch.searchsorted(cdf, u[:, None] * cdf[:, -1:], right=True)
     return index.clamp_(max=cdf.shape[-1] - 1).squeeze(-1)
-
-
-def token_logprobs(
-    logits: torch.Tensor, token_ids: torch.Tensor, top_k: int
-) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """log p(token) per row, and the top_k (values, ids) per row when top_k > 0."""
-    logprobs = torch.log_softmax(logits.float(), dim=-1)
-    chosen = logprobs.gather(1, token_ids[:, None]).squeeze(-1)
-    if top_k <= 0:
-        return chosen, None, None
-    values, ids = logprobs.topk(min(top_k, logprobs.shape[-1]), dim=-1)
-    return chosen, values, ids
