@@ -44,6 +44,10 @@ from loom.runtime.scheduler.request import FinishReason, Req
 from loom.runtime.scheduler.sampling import ForwardedStep, SampledStep, StepSampler
 
 logger = logging.getLogger(__name__)
+NO_TOKEN_FITS = (
+    "the constraint allows no token of this model's vocabulary here: it asks for text the "
+    "tokenizer cannot write (check the schema, regex or grammar against the tokenizer)"
+)
 
 
 class Scheduler:
@@ -368,8 +372,8 @@ class Scheduler:
         self.stats["generation_tokens"] += 1
         if grammar_ok is None:
             grammar_ok = req.accept_grammar(token)
-        if not grammar_ok:
-            self._finish(req, FinishReason("abort", None, "grammar rejected a sampled token"))
+        if not grammar_ok:  # masked sampling draws only allowed tokens: the mask was empty
+            self._finish(req, FinishReason("abort", None, NO_TOKEN_FITS))
             return
         reason = self.finish.check(req)
         if reason is not None:
