@@ -40,26 +40,28 @@ GRAMMAR_PATTERNS = {"email": EMAIL, "idn-email": EMAIL}
 def exact_pattern(node: dict) -> str | None:
     """The anchored exact pattern of a schema object's calendar format, when it has one
     and no `pattern` of its own beside it."""
-    fmt = node.get("format")
-    if not isinstance(fmt, str) or fmt not in PATTERNS or "pattern" in node:
-        return None
-    return f"^{PATTERNS[fmt]}$"
+    return _anchored(node, PATTERNS)
 
 
 def grammar_pattern(node: dict) -> str | None:
     """The anchored pattern a grammar writes for a string schema's format, for the
     formats written narrower than checked (GRAMMAR_PATTERNS), with no `pattern` beside."""
-    fmt = node.get("format")
-    if not isinstance(fmt, str) or fmt not in GRAMMAR_PATTERNS or "pattern" in node:
-        return None
     if node.get("type") != "string":  # a pattern alone would not say "a string"
         return None
-    return f"^{GRAMMAR_PATTERNS[fmt]}$"
+    return _anchored(node, GRAMMAR_PATTERNS)
 
 
-_FORMAT_OF: dict[str, str] = {}
+def _anchored(node: dict, patterns: dict[str, str]) -> str | None:
+    fmt = node.get("format")
+    if not isinstance(fmt, str) or fmt not in patterns or "pattern" in node:
+        return None
+    return f"^{patterns[fmt]}$"
+
+
+_FORMAT_OF: dict[str, str] = {}  # "email or idn-email" where formats share a pattern
 for _fmt, _pattern in {**PATTERNS, **GRAMMAR_PATTERNS}.items():
-    _FORMAT_OF[f"^{_pattern}$"] = " or ".join(filter(None, [_FORMAT_OF.get(f"^{_pattern}$"), _fmt]))
+    _key = f"^{_pattern}$"
+    _FORMAT_OF[_key] = f"{_FORMAT_OF[_key]} or {_fmt}" if _key in _FORMAT_OF else _fmt
 
 
 def format_of(pattern: str) -> str | None:

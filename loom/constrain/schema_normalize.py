@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import copy
 import re
+from collections.abc import Callable
 from re import _constants as re_constants  # type: ignore[attr-defined]
 from re import _parser as re_parser  # type: ignore[attr-defined]
 from typing import Any
@@ -64,7 +65,7 @@ def normalize(schema: Any, expand: bool = True) -> Any:
     if not isinstance(schema, dict):
         return schema
     schema = copy.deepcopy(schema)
-    _formats(schema)
+    _formats(schema, exact_pattern)
     _fold_literals(schema, schema, "")
     _disjoint_one_of(schema, schema)
     if expand:
@@ -81,17 +82,8 @@ def for_grammar(schema: Any, expand: bool = True) -> Any:
     pattern. Not a meaning-keeping rewrite: the grammar's instances are a subset."""
     schema = normalize(schema, expand)
     if isinstance(schema, dict):
-        _grammar_formats(schema)
+        _formats(schema, grammar_pattern)
     return schema
-
-
-def _grammar_formats(node: Schema) -> None:
-    pattern = grammar_pattern(node)
-    if pattern is not None:
-        del node["format"]
-        node["pattern"] = pattern
-    for _, container, key in _children(node, ""):
-        _grammar_formats(container[key])
 
 
 # normalize rewrites every subschema, reachable or not, and draft-7 dependencies' too
@@ -102,17 +94,18 @@ def _children(node: Schema, path: str):
     return subschemas(node, path, _ALL_MAPS)
 
 
-def _formats(node: Schema) -> None:
-    """Custom formats dropped; calendar formats replaced by their exact patterns."""
+def _formats(node: Schema, pattern_of: Callable[[Schema], str | None]) -> None:
+    """Custom formats dropped; each format `pattern_of` writes as a pattern (formats.py:
+    exact_pattern, grammar_pattern) replaced by it."""
     fmt = node.get("format")
     if isinstance(fmt, str) and fmt not in SPEC_FORMATS:
         del node["format"]
-    pattern = exact_pattern(node)
+    pattern = pattern_of(node)
     if pattern is not None:
         del node["format"]
         node["pattern"] = pattern
     for _, container, key in _children(node, ""):
-        _formats(container[key])
+        _formats(container[key], pattern_of)
 
 
 def _listed_values(node: Schema) -> list | None:

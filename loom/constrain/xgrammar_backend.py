@@ -160,7 +160,8 @@ class XGrammarBackend(GrammarBackend):
 
 # Rows one fill thread takes at least: a call's threads start and join every step, which
 # costs more than a few rows' fill. Measured on the H200 machine's 16 virtual cores
-# (.device-style microbenchmark, person-schema states, Llama-3 vocabulary): one row took
+# (xgrammar's BatchGrammarMatcher called directly, person-schema states, Llama-3
+# vocabulary; benchmarks/RESULTS.md, 2026-12-03 session 9): one row took
 # 61 us on one thread and 412 us on 15; 16 rows were fastest on 4 threads (222 us), 32 on
 # 8 (385 us), and 8 threads were as fast as 15 at 256 rows (1.26 ms).
 ROWS_PER_THREAD = 4
