@@ -233,7 +233,13 @@ def main() -> None:
         "(an A/B of that overlap)",
     )
     p.add_argument(
-        "--profile", action="store_true", help="print the scheduler thread's profile of json runs"
+        "--no-early-decode",
+        action="store_true",
+        help="build each decode step after the step before is sampled, not while its masks "
+        "fill (the A/B of Scheduler._early_decode)",
+    )
+    p.add_argument(
+        "--profile", action="store_true", help="print the scheduler thread's profile of each run"
     )
     args = smoke.parse_args(p, SMOKE)
     folder = resolve_model_path(args.model_path)
@@ -265,6 +271,7 @@ def run_backend(args, folder: str, backend: str, cases: list, table: Table) -> N
             tokenizer, scheds[False].grammar, stop, args.bench_schemas, args.max_new_tokens
         )
     for sched in scheds.values():
+        sched.early_decode = not args.no_early_decode
         if args.mask_start == "late":  # the step after is never handed to _process
             process = sched._process
             sched._process = lambda step, following=None, process=process: process(step)
@@ -286,23 +293,24 @@ def run_concurrency(args, scheds, cases, backend: str, walk: str, conc: int) -> 
     n = args.num_requests or conc
     walks = replayed(scheds[False], cases, n) if walk == "replay" else None
     max_new = args.max_new_tokens
-    profile = cProfile.Profile() if args.profile else None
-    if profile is not None:
-        profile.enable()
-    json_off = run_once(
-        scheds[False], "json", make_requests(tokenizer, cases, n, max_new), conc, walks
+    json_off = profiled(
+        args.profile,
+        f"{backend}, {walk}, concurrency {conc}: the scheduler thread, json run",
+        lambda: run_once(
+            scheds[False], "json", make_requests(tokenizer, cases, n, max_new), conc, walks
+        ),
     )
-    if profile is not None:
-        profile.disable()
-        print(f"## {backend}, {walk}, concurrency {conc}: the scheduler thread, json run")
-        pstats.Stats(profile).sort_stats("tottime").print_stats(20)
     lengths = [len(o) for o in json_off.outputs]
-    plain = run_once(
-        scheds[False],
-        "plain, same lengths",
-        make_requests(tokenizer, cases, n, 0, lengths),
-        conc,
-        walks,
+    plain = profiled(
+        args.profile,
+        f"{backend}, {walk}, concurrency {conc}: the scheduler thread, plain run",
+        lambda: run_once(
+            scheds[False],
+            "plain, same lengths",
+            make_requests(tokenizer, cases, n, 0, lengths),
+            conc,
+            walks,
+        ),
     )
     runs = [plain, json_off]
     if args.jump_forward:
@@ -318,6 +326,21 @@ def run_concurrency(args, scheds, cases, backend: str, walk: str, conc: int) -> 
     for run in runs:
         run.walk = walk
     return runs
+
+
+def profiled(enabled: bool, title: str, run):
+    """run(), with the profile of this thread printed (--profile)."""
+    if not enabled:
+        return run()
+    profile = cProfile.Profile()
+    profile.enable()
+    result = run()
+    profile.disable()
+    print(f"## {title}")
+    stats = pstats.Stats(profile)
+    stats.sort_stats("tottime").print_stats(30)
+    stats.sort_stats("cumulative").print_stats("loom/", 30)
+    return result
 
 
 def replayed(sched: Scheduler, cases: list, n: int) -> list[list[int]]:

@@ -65,11 +65,12 @@ def extend_batch(
 
 
 def decode_batch(
-    reqs: list[Req], slots: torch.Tensor, device: torch.device, last_tokens: torch.Tensor
+    reqs: list[Req], slots: torch.Tensor, device: torch.device, last_tokens: torch.Tensor | None
 ) -> ForwardBatch:
     """One new token per request at position kv_len - 1 (its slot was just allocated).
     The token is the request's newest, read from last_tokens (by req_to_token row) on the
-    device: the host may not have it yet."""
+    device: the host may not have it yet. last_tokens None: the caller reads them later
+    (take_last_tokens), once the step sampling them is queued."""
     seq_lens = [r.kv_len for r in reqs]
     per_req = to_device(
         [[r.req_pool_idx for r in reqs], seq_lens, [n - 1 for n in seq_lens]], torch.int64, device
@@ -77,10 +78,16 @@ def decode_batch(
     return ForwardBatch(
         mode=ForwardMode.DECODE,
         batch_size=len(reqs),
-        input_ids=last_tokens[per_req[0]],
+        input_ids=None if last_tokens is None else last_tokens[per_req[0]],
         positions=per_req[2],
         req_pool_indices=per_req[0],
         seq_lens=per_req[1],
         out_cache_loc=slots.to(device),
         seq_lens_cpu=seq_lens,
     )
+
+
+def take_last_tokens(batch: ForwardBatch, last_tokens: torch.Tensor) -> ForwardBatch:
+    """A decode batch built without its input tokens, given them (queued on the device)."""
+    batch.input_ids = last_tokens[batch.req_pool_indices]
+    return batch

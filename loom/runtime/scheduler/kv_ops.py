@@ -34,6 +34,17 @@ class KVOps:
         result = self.cache.match_prefix(req.fill_ids[:limit])
         req.prefix_indices, req.last_node = result.kv_indices, result.last_node
 
+    def fits_alone(self, tokens: int) -> bool:
+        """Whether a request of this many tokens fits the pool with nothing else in it."""
+        return tokens <= self.allocator.size
+
+    def full_message(self, tokens: int) -> str:
+        return (
+            f"the KV cache is full: it holds {self.allocator.size} tokens and this "
+            f"request alone has {tokens}; ask for fewer max_new_tokens or start the "
+            "server with a larger --max-total-tokens"
+        )
+
     def budget(self) -> int:
         """Slots obtainable now: free ones plus unlocked cache that can be evicted."""
         return self.allocator.available() + self.cache.evictable_size()

@@ -1,5 +1,5 @@
 """The scheduler's parts that ServerArgs and the model decide: stop ids, prefix cache,
-grammar backend, prefill chunk size."""
+grammar backend, step sampler, prefill chunk size; and the counters it keeps."""
 
 from __future__ import annotations
 
@@ -47,6 +47,32 @@ def make_grammar_backend(args: ServerArgs, tokenizer, vocab_size: int, eos_ids: 
         compile_timeout=args.grammar_compile_timeout,
         stop_token_ids=sorted(eos_ids),
         mask_threads=args.grammar_mask_threads,
+    )
+
+
+# Scheduler.stats: counters since start (server_info reports them).
+STATS = (
+    "cache_hit_tokens",
+    "prompt_tokens",
+    "generation_tokens",
+    "retractions",
+    "forward_steps",
+    "deferred_steps",  # steps whose tokens were processed while the next ran (overlap)
+    "mixed_steps",  # prefill steps that also decoded the running requests
+    "early_decode_steps",  # decode steps built while the step before filled its masks
+)
+
+
+def step_sampler(runner: ModelRunner, grammar, tokenizer, eos_ids: set[int]):
+    from loom.runtime.scheduler.sampling import StepSampler
+
+    return StepSampler(
+        grammar,
+        runner.vocab_size,
+        eos_ids,
+        runner.req_to_token_pool.num_slots,
+        runner.device,
+        whitespace_guard(grammar, tokenizer, runner.vocab_size),
     )
 
 

@@ -41,7 +41,7 @@ from loom.runtime.scheduler.kv_ops import KVOps
 from loom.runtime.scheduler.output import take_output
 from loom.runtime.scheduler.policy import SchedulePolicy
 from loom.runtime.scheduler.request import FinishReason, Req
-from loom.runtime.scheduler.sampling import ForwardedStep, SampledStep, StepSampler
+from loom.runtime.scheduler.sampling import ForwardedStep, SampledStep
 
 logger = logging.getLogger(__name__)
 NO_TOKEN_FITS = (
@@ -65,16 +65,11 @@ class Scheduler:
         )
         self.chunk_size = parts.chunk_size(args, self.device)
         self.jump = JumpForward(self) if args.enable_jump_forward else None
-        self.sampler = StepSampler(
-            self.grammar,
-            self.runner.vocab_size,
-            self.eos_ids,
-            self.runner.req_to_token_pool.num_slots,
-            self.device,
-            parts.whitespace_guard(self.grammar, self.tokenizer, self.runner.vocab_size),
-        )
+        self.sampler = parts.step_sampler(self.runner, self.grammar, self.tokenizer, self.eos_ids)
         self.overlap = not args.disable_overlap_schedule
         self.inflight: SampledStep | None = None  # queued, its tokens not yet processed
+        self.launched: ForwardedStep | None = None  # a decode step launched early
+        self.early_decode = True  # _early_decode (benchmarks turn it off for an A/B)
         self.rng = random.Random(args.random_seed)
 
         self.waiting: list[Req] = []
@@ -87,15 +82,7 @@ class Scheduler:
         # decays while decoding goes well, jumps back up after a retraction.
         self.init_token_ratio = min(0.7 * args.schedule_conservativeness, 1.0)
         self.new_token_ratio = self.init_token_ratio
-        self.stats = {
-            "cache_hit_tokens": 0,
-            "prompt_tokens": 0,
-            "generation_tokens": 0,
-            "retractions": 0,
-            "forward_steps": 0,
-            "deferred_steps": 0,  # steps whose tokens were processed while the next ran
-            "mixed_steps": 0,  # prefill steps that also decoded the running requests
-        }
+        self.stats = dict.fromkeys(parts.STATS, 0)
 
     # ---- requests in -------------------------------------------------------------------
 
@@ -133,7 +120,7 @@ class Scheduler:
 
     def flush_cache(self) -> m.FlushCacheResult:
         self.drain()
-        if self.running or self.chunked or self.waiting:
+        if self.running or self.chunked or self.waiting or self.launched:
             return m.FlushCacheResult(False, "requests are in flight; flush when idle")
         self.kv.cache.reset()
         return m.FlushCacheResult(True)
@@ -142,9 +129,8 @@ class Scheduler:
         return server_info(self)
 
     def has_work(self) -> bool:
-        return bool(
-            self.waiting or self.running or self.chunked or self.grammar_wait or self.inflight
-        )
+        queued = self.waiting or self.chunked or self.grammar_wait
+        return bool(queued or self.running or self.inflight or self.launched)
 
     def take_outputs(self) -> list[m.ReqOutput]:
         out, self.outbox = self.outbox, []
@@ -156,16 +142,40 @@ class Scheduler:
         """Queue the next step; process the previous one's tokens while it runs (overlap)
         or this one's (no overlap)."""
         self._poll_grammars()
-        forwarded = self._queue_step()
+        forwarded, self.launched = self.launched or self._queue_step(), None
         self.drain(forwarded)
         if forwarded is None:
             return
+        early = self._early_decode(forwarded)
         queued = self._sample(forwarded)
         if self.overlap:
             self.inflight = queued
             self.stats["deferred_steps"] += 1
         else:
             self._process(queued)
+        if early is not None:
+            reqs, batch = early
+            batch = batching.take_last_tokens(batch, self.sampler.last_tokens)
+            self.launched = self.sampler.forwarded(reqs, self.forward(batch).next_logits)
+
+    def _early_decode(self, step: ForwardedStep) -> tuple[list[Req], ForwardBatch] | None:
+        """While a step's grammar masks fill, the host part of the decode step after it
+        (its requests, KV slots and inputs but the tokens, which that step samples), so the
+        fill hides behind it; launched once the step is sampled. Only when that next step
+        is surely a decode of the same requests: nothing waiting, nothing to retract."""
+        if not (self.overlap and self.early_decode and step.masks is not None):
+            return None
+        if self.waiting or self.chunked or self.jump is not None or not self.running:
+            return None
+        if self.kv.budget() < len(self.running):
+            return None
+        reqs, slots = self._decoders_with_slots()
+        if not reqs:
+            return None
+        self._decay_token_ratio()
+        self.last_was_extend = False
+        self.stats["early_decode_steps"] += 1
+        return reqs, batching.decode_batch(reqs, slots, self.device, None)
 
     def drain(self, following: ForwardedStep | None = None) -> None:
         """Process the queued step's tokens now (waits for the device). `following`, the
@@ -250,7 +260,7 @@ class Scheduler:
         reqs, slots = self._decoders_with_slots()
         if not reqs:
             return None
-        self.new_token_ratio = max(self.new_token_ratio - 0.001, 0.1 * self.init_token_ratio)
+        self._decay_token_ratio()
         if self.jump is not None and any(r.draft_len for r in reqs):
             self.jump.run_decode_step(reqs)  # drafts exist only with nothing in flight
             self.running = [r for r in self.running if not r.finished]
@@ -265,6 +275,9 @@ class Scheduler:
         reqs = [r for r in self.running if not self.finish.out_of_room(r)]
         slots = self.kv.alloc_decode_slots(reqs, self.retract)
         return reqs, slots
+
+    def _decay_token_ratio(self) -> None:
+        self.new_token_ratio = max(self.new_token_ratio - 0.001, 0.1 * self.init_token_ratio)
 
     def _needs_host_state(self, reqs: list[Req]) -> bool:
         """Whether the next forward needs the queued step's tokens on the host first:
@@ -286,8 +299,9 @@ class Scheduler:
         assert not req.pending, "a request is retracted only once its tokens are processed"
         drop_draft(req)
         self.running = [r for r in self.running if r is not req]
-        if self._outgrew_pool(req):
-            self._finish(req, FinishReason("length", None, self._kv_full(req)))
+        # Nothing else holds KV, or its tokens and the next fill the pool even alone.
+        if not self.running and self.chunked is None or not self.kv.fits_alone(req.seqlen + 1):
+            self._finish(req, FinishReason("length", None, self.kv.full_message(req.seqlen)))
             self.kv.release(req, finished=True)
             return
         self.kv.release(req, finished=False)
@@ -299,19 +313,6 @@ class Scheduler:
         self.new_token_ratio = self.init_token_ratio
         self.waiting.insert(0, req)
         logger.info("retracted %s (%d tokens generated) to free KV", req.rid, len(req.output_ids))
-
-    def _outgrew_pool(self, req: Req) -> bool:
-        """Whether no retraction can make room for req: nothing else holds KV, or its
-        tokens so far and the next would fill the pool even alone."""
-        alone = not self.running and self.chunked is None
-        return alone or req.seqlen >= self.runner.max_total_tokens
-
-    def _kv_full(self, req: Req) -> str:
-        return (
-            f"the KV cache is full: it holds {self.runner.max_total_tokens} tokens and this "
-            f"request alone has {req.seqlen}; ask for fewer max_new_tokens or start the "
-            "server with a larger --max-total-tokens"
-        )
 
     # ---- tokens out --------------------------------------------------------------------
 
