@@ -43,32 +43,42 @@ _JSON_OBJECT_SCHEMA = '{"type": "object"}'
 
 
 class XGrammarMatcher(GrammarMatcher):
-    """One request's position in its grammar (a thin wrapper: the hot path stays in C++)."""
+    """One request's position in its grammar (a thin wrapper: the hot path stays in C++).
+    Whether it terminated is kept here: it changes only when a stop token is accepted or
+    tokens are rolled back, and the scheduler asks every step for every row."""
 
-    __slots__ = ("_matcher",)
+    __slots__ = ("_matcher", "_stops", "_terminated")
 
     def __init__(self, compiled: xgr.CompiledGrammar, stop_token_ids: list[int] | None):
         self._matcher = xgr.GrammarMatcher(compiled, override_stop_tokens=stop_token_ids)
+        self._stops = frozenset(self._matcher.stop_token_ids)
+        self._terminated = False
 
     def accept_token(self, token_id: int) -> bool:
-        return self._matcher.accept_token(token_id)
+        ok = self._matcher.accept_token(token_id)
+        if ok and token_id in self._stops:
+            self._terminated = self._matcher.is_terminated()
+        return ok
 
     def fill_bitmask(self, bitmask: torch.Tensor, row: int) -> None:
         self._matcher.fill_next_token_bitmask(bitmask, row)
 
     def is_terminated(self) -> bool:
-        return self._matcher.is_terminated()
+        return self._terminated
 
     def rollback(self, num_tokens: int) -> None:
         if num_tokens > 0:
             self._matcher.rollback(num_tokens)
+            self._terminated = self._matcher.is_terminated()
 
     def find_jump_forward_string(self) -> str:
         return self._matcher.find_jump_forward_string()
 
     def accept_string(self, text: str) -> bool:
         """Advance by raw text (tests)."""
-        return self._matcher.accept_string(text)
+        ok = self._matcher.accept_string(text)
+        self._terminated = self._matcher.is_terminated()
+        return ok
 
 
 class XGrammarBackend(GrammarBackend):
