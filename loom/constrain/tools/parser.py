@@ -88,10 +88,11 @@ def scan_output(text: str, fmt: ToolFormat, names: frozenset[str], final: bool) 
             content.append(piece if final else _held_back(piece, fmt))
             break
         region = _region(text, start, envelope, names, final)
-        if region.error is not None:  # not a call: its trigger is text, scan on after it
+        if region.error is not None:  # not a call: the envelope's text is content
             errors.append(region.error)
-            content.append(piece + envelope.trigger)
-            pos, after_call = start + len(envelope.trigger), False
+            end = _envelope_end(text, start, envelope)
+            content.append(piece + text[start:end])
+            pos, after_call = end, False
             continue
         content.append(_before_call(piece, fmt))
         calls.extend(region.calls)
@@ -99,6 +100,16 @@ def scan_output(text: str, fmt: ToolFormat, names: frozenset[str], final: bool) 
             break
         pos, after_call = region.end, True
     return Scan("".join(content), tuple(calls), tuple(errors))
+
+
+def _envelope_end(text: str, start: int, envelope: Envelope) -> int:
+    """Where an envelope that holds no call ends: after its close marker (the end of the
+    text while there is none); a bare call's after its trigger, where scanning goes on."""
+    close = envelope.close.strip()
+    if not close:
+        return start + len(envelope.trigger)
+    found = text.find(close, start + len(envelope.trigger))
+    return found + len(close) if found >= 0 else len(text)
 
 
 def _next_envelope(text: str, pos: int, fmt: ToolFormat) -> tuple[int, Envelope | None]:
@@ -111,18 +122,24 @@ def _next_envelope(text: str, pos: int, fmt: ToolFormat) -> tuple[int, Envelope 
 
 
 def _held_back(piece: str, fmt: ToolFormat) -> str:
-    """Content safe to show before the end: not a trailing start of a trigger, nor
-    trailing whitespace (dropped if a call follows)."""
-    # A trigger's proper start, or the lead marker (whole or started): a call may follow.
+    """Content safe to show before the end: not a trailing start of a trigger or of the
+    lead marker (a call may follow), nor trailing whitespace (dropped if one does)."""
     starts = [(e.trigger, len(e.trigger) - 1) for e in fmt.envelopes]
     starts += [(fmt.lead, len(fmt.lead))] if fmt.lead else []
-    cuts = [0]
-    for marker, longest in starts:
-        for cut in range(min(longest, len(piece)), 0, -1):
-            if marker.startswith(piece[-cut:]):
-                cuts.append(cut)
-                break
-    return piece[: len(piece) - max(cuts)].rstrip()
+    while True:
+        cut = max((_started(piece, m, longest) for m, longest in starts), default=0)
+        shown = piece[: len(piece) - cut].rstrip()
+        if shown == piece:
+            return shown
+        piece = shown
+
+
+def _started(piece: str, marker: str, longest: int) -> int:
+    """The length of the longest end of `piece` that starts `marker` (at most `longest`)."""
+    for cut in range(min(longest, len(piece)), 0, -1):
+        if marker.startswith(piece[-cut:]):
+            return cut
+    return 0
 
 
 def _before_call(piece: str, fmt: ToolFormat) -> str:
