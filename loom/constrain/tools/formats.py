@@ -17,7 +17,12 @@ whitespace the JSON allows.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from loom.constrain.tools.spec import Tool
 
 
 @dataclass(frozen=True)
@@ -93,3 +98,15 @@ def detect_format(template: str | None, vocab: frozenset[str] = frozenset()) -> 
 def template_knows_tools(template: str | None) -> bool:
     """Whether the template renders `tools` itself (else loom describes them)."""
     return bool(template) and "tools" in template
+
+
+def describe_tools(tools: tuple[Tool, ...]) -> str:
+    """The tools and the hermes call format, as a system prompt (for chat templates that
+    do not render tools themselves)."""
+    listed = "\n".join(json.dumps(t.openai()) for t in tools)
+    return (
+        "You may call functions to answer. The functions, one JSON signature a line:\n"
+        f"{listed}\n\nTo call one, write a JSON object with its name and arguments within "
+        '<tool_call></tool_call> tags:\n<tool_call>\n{"name": <name>, "arguments": '
+        "<arguments object>}\n</tool_call>"
+    )

@@ -19,7 +19,13 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
-from loom.constrain.tools.formats import HERMES, ToolFormat, detect_format, template_knows_tools
+from loom.constrain.tools.formats import (
+    HERMES,
+    ToolFormat,
+    describe_tools,
+    detect_format,
+    template_knows_tools,
+)
 from loom.constrain.tools.grammar import check_parameters, tool_call_ebnf
 from loom.constrain.tools.parser import ToolCallStream, parse_tool_calls
 from loom.constrain.tools.spec import (
@@ -166,19 +172,13 @@ def _past_call(call, index: int, j: int) -> dict:
 
 
 def _written_call(function: dict) -> str:
-    head = HERMES.call_head(function["name"])
-    return f"{HERMES.open}{head}{json.dumps(function['arguments'])}}}{HERMES.close}"
+    envelope, head = HERMES.envelopes[0], HERMES.call_head(function["name"])
+    return f"{envelope.open}{head}{json.dumps(function['arguments'])}}}{envelope.close}"
 
 
 def _with_tool_prompt(messages: list[dict], tools: tuple[Tool, ...]) -> list[dict]:
     """The tools described in the system message, for templates that do not render them."""
-    listed = "\n".join(json.dumps(t.openai()) for t in tools)
-    prompt = (
-        "You may call functions to answer. The functions, one JSON signature a line:\n"
-        f"{listed}\n\nTo call one, write a JSON object with its name and arguments within "
-        '<tool_call></tool_call> tags:\n<tool_call>\n{"name": <name>, "arguments": '
-        "<arguments object>}\n</tool_call>"
-    )
+    prompt = describe_tools(tools)
     if messages and messages[0]["role"] == "system":
         first = {**messages[0], "content": f"{messages[0]['content']}\n\n{prompt}"}
         return [first, *messages[1:]]
