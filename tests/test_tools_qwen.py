@@ -51,7 +51,7 @@ HISTORY = WEATHER_Q + [
 REQUESTS = {
     "auto": dict(messages=WEATHER_Q, tool_choice="auto"),
     "auto_stream": dict(messages=WEATHER_Q, tool_choice="auto", stream=True),
-    "parallel": dict(messages=TWO_CITIES, tool_choice="required", max_tokens=48),
+    "parallel": dict(messages=TWO_CITIES, tool_choice="required"),
     "named": dict(messages=ADD_Q, tool_choice={"type": "function", "function": {"name": "add"}}),
     "history": dict(messages=HISTORY, tool_choice="auto", max_tokens=8),
 }

@@ -98,7 +98,8 @@ def _tool(item: Any, where: str) -> Tool:
             '({"type": "object", "properties": {...}}): a call\'s arguments are an object',
             f"{where}.function.parameters",
         )
-    return Tool(name, description, json.dumps(parameters, sort_keys=True))
+    # The caller's key order is kept: templates write the schema as given (tojson).
+    return Tool(name, description, json.dumps(parameters))
 
 
 def parse_tool_choice(
