@@ -40,12 +40,22 @@ def check_parameters(tools: tuple[Tool, ...]) -> None:
     """Each tool's parameters compile under loom's grammar; else a ToolError naming the
     tool and the keyword."""
     for i, tool in enumerate(tools):
-        try:
-            validate_constraint("json_schema", tool.parameters_json)
-        except GrammarError as e:
+        problem = _parameters_problem(tool.parameters_json)
+        if problem is not None:
             raise ToolError(
-                f"tools[{i}] ({tool.name!r}): {_reason(str(e))}", f"tools[{i}].function.parameters"
-            ) from e
+                f"tools[{i}] ({tool.name!r}): {problem}", f"tools[{i}].function.parameters"
+            )
+
+
+@functools.lru_cache(maxsize=1024)
+def _parameters_problem(schema_text: str) -> str | None:
+    """Why a parameters schema does not compile (cached: agents send the same tools with
+    every request)."""
+    try:
+        validate_constraint("json_schema", schema_text)
+    except GrammarError as e:
+        return _reason(str(e))
+    return None
 
 
 def _reason(message: str) -> str:
