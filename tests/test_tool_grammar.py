@@ -5,6 +5,7 @@ call once it starts, and bad tools are refused with the field and the keyword na
 
 from __future__ import annotations
 
+import copy
 import json
 
 import jsonschema
@@ -139,3 +140,21 @@ def test_parameters_loom_cannot_compile_name_the_tool_and_the_keyword():
 def test_required_without_tools_is_refused():
     with pytest.raises(ToolError, match="needs tools"):
         parse_tool_choice("required", ())
+
+
+def test_mistral_trigger_may_be_its_special_token():
+    """Mistral's [TOOL_CALLS] is one special token: the grammar must let the model write it
+    (the server then keeps special tokens in the text the parser reads)."""
+    from loom.constrain.xgrammar_backend import XGrammarBackend
+    from tests.grammar_helpers import make_tokenizer
+
+    tokenizer = copy.deepcopy(make_tokenizer())  # the shared one stays as it is
+    tokenizer.add_special_tokens({"additional_special_tokens": ["[TOOL_CALLS]"]})
+    trigger = tokenizer.convert_tokens_to_ids("[TOOL_CALLS]")
+    backend = XGrammarBackend(tokenizer, len(tokenizer), num_threads=1)
+    try:
+        for choice in ("required", "auto"):
+            ebnf = tool_call_ebnf(MISTRAL, TOOLS, parse_tool_choice(choice, TOOLS))
+            assert backend.get_matcher("ebnf", ebnf).result(timeout=60).accept_token(trigger)
+    finally:
+        backend.shutdown()

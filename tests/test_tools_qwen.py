@@ -17,16 +17,12 @@ from transformers import AutoTokenizer
 
 from loom.backends.runtime import Runtime
 from loom.runtime.models.model_source import fetch_qwen25_coder_05b
+from tests.test_server_tools import ADD
 
 WEATHER = {
     "type": "object",
     "properties": {"city": {"type": "string", "maxLength": 20}},
     "required": ["city"],
-}
-ADD = {
-    "type": "object",
-    "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}},
-    "required": ["a", "b"],
 }
 SCHEMAS = {"get_weather": WEATHER, "add": ADD}
 TOOLS = [
