@@ -8,7 +8,7 @@ __version__ = "0.1.0"
 _LANG = {
     **dict.fromkeys(
         "gen gen_int gen_float gen_bool gen_string select system user assistant system_begin "
-        "system_end user_begin user_end assistant_begin assistant_end".split(),
+        "system_end user_begin user_end assistant_begin assistant_end tools_prompt".split(),
         "loom.lang.api",
     ),
     **dict.fromkeys(["function", "Program"], "loom.lang.program"),

@@ -135,6 +135,25 @@ _MESSAGE = st.fixed_dictionaries(
         | st.lists(st.fixed_dictionaries({"type": st.just("text"), "text": _WORDS}), max_size=2),
     }
 )
+_CALL = {"id": "call_1", "type": "function", "function": {"name": "t5", "arguments": '{"a": 1}'}}
+_HISTORY = st.sampled_from(
+    [
+        {"role": "assistant", "content": None, "tool_calls": [_CALL]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "t6"},
+        {"role": "tool", "content": "t6"},  # no tool_call_id
+    ]
+)
+_TOOL = st.fixed_dictionaries(
+    {
+        "type": st.just("function"),
+        "function": st.fixed_dictionaries(
+            {"name": st.sampled_from(["t5", "t6"]), "parameters": st.sampled_from(_SCHEMAS)}
+        ),
+    }
+)
+_TOOL_CHOICES = ["none", "auto", "required"] + [
+    {"type": "function", "function": {"name": n}} for n in ("t5", "t6", "missing")
+]
 # Per route: each field a valid-looking request may set, with the values it may take.
 VALID = {
     "/generate": {
@@ -157,14 +176,16 @@ VALID = {
     },
     "/v1/chat/completions": {
         **_OPENAI,
-        "messages": st.lists(_MESSAGE, min_size=1, max_size=3),
+        "messages": st.lists(_MESSAGE | _HISTORY, min_size=1, max_size=3),
         "max_completion_tokens": st.integers(0, 10),
         "logprobs": st.booleans(),
         "top_logprobs": st.integers(0, 5),
         "add_generation_prompt": st.booleans(),
         "continue_final_message": st.booleans(),
         "chat_template_kwargs": st.dictionaries(st.sampled_from(["x", "tools"]), st.booleans()),
-        "tool_choice": st.just("none"),
+        "tools": st.lists(_TOOL, min_size=1, max_size=2),
+        "tool_choice": st.sampled_from(_TOOL_CHOICES),
+        "parallel_tool_calls": st.booleans(),
     },
 }
 # Where a broken value may go: every field above, and a few more.
@@ -173,7 +194,8 @@ FIELDS = {
     "/v1/completions": [*VALID["/v1/completions"], "model", "suffix", "unknown_field"],
     "/v1/chat/completions": [
         *VALID["/v1/chat/completions"], "model", "messages.0", "messages.0.role",
-        "messages.0.content", "tools", "unknown_field",
+        "messages.0.content", "messages.0.tool_calls", "tools.0", "tools.0.function.parameters",
+        "unknown_field",
     ],
 }  # fmt: skip
 

@@ -186,7 +186,10 @@ def test_a_repeated_prompt_reports_cached_tokens(client, model):
         (dict(messages=[]), openai.BadRequestError, "messages"),
         (dict(extra_body={"frobnicate": 1}), openai.BadRequestError, "frobnicate"),
         (
-            dict(tools=[{"type": "function", "function": {"name": "f"}}]),
+            dict(
+                tools=[{"type": "function", "function": {"name": "f"}}],
+                tool_choice={"type": "function", "function": {"name": "g"}},
+            ),
             openai.BadRequestError,
             "tool",
         ),

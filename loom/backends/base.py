@@ -73,6 +73,7 @@ class ChatTemplate:
     render: Callable[[list[dict], bool], str]
     implicit_prefix: str = ""
     name: str = "model"
+    source: str | None = None  # the Jinja text, where known (tool-call format detection)
 
 
 class ProgramBackend(ABC):

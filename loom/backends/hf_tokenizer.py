@@ -23,7 +23,8 @@ def chat_template_of(tokenizer) -> ChatTemplate | None:
             messages, tokenize=False, add_generation_prompt=add_generation_prompt
         )
 
-    return ChatTemplate(render, implicit_prefix=_implicit_bos(tokenizer))
+    source = tokenizer.chat_template if isinstance(tokenizer.chat_template, str) else None
+    return ChatTemplate(render, implicit_prefix=_implicit_bos(tokenizer), source=source)
 
 
 def _implicit_bos(tokenizer) -> str:

@@ -7,9 +7,23 @@ import json
 from typing import Any
 
 from loom.constrain.regex import check_regex
+from loom.constrain.tools.formats import describe_tools
+from loom.constrain.tools.grammar import check_parameters
+from loom.constrain.tools.spec import ToolError, parse_tool_choice, parse_tools
 from loom.lang.choices import ChoicesMethod, token_length_normalized
 from loom.lang.errors import LoomError
-from loom.lang.ir import ROLES, Concat, Expr, Gen, GenParams, RoleBegin, RoleEnd, Select, as_expr
+from loom.lang.ir import (
+    ROLES,
+    Concat,
+    Expr,
+    Gen,
+    GenParams,
+    GenTools,
+    RoleBegin,
+    RoleEnd,
+    Select,
+    as_expr,
+)
 
 INT_REGEX = r"[-+]?[0-9]{1,18}"
 FLOAT_REGEX = r"[-+]?[0-9]{1,18}(\.[0-9]{1,18})?([eE][-+]?[0-9]{1,3})?"
@@ -42,13 +56,24 @@ def gen(
     choices_method: ChoicesMethod = token_length_normalized,
     dtype: type | None = None,
     split_literals: bool | None = None,
+    tools: list[dict] | None = None,
+    tool_choice: str | dict | None = None,
+    parallel_tool_calls: bool | None = None,
 ) -> Expr:
     """Generate text into variable `name`. At most one of regex / json_schema (a dict, a JSON
     string or a pydantic model class) / ebnf / choices / dtype (int, float, bool, str).
 
     `split_literals` (on by default): text a regex or a JSON schema forces is sent as prompt
     text, and only the free parts are generated (a JSON schema's each as its own request);
-    False sends the constraint whole, in one request."""
+    False sends the constraint whole, in one request.
+
+    `tools` (OpenAI's function tools) with `tool_choice` ("auto", the default with tools;
+    "required"; "none"; a tool's name or {"type": "function", "function": {"name": ...}})
+    and `parallel_tool_calls` (default True): the model may (auto) or must (required, a
+    name) call them, in its chat template's call format, the calls constrained to each
+    tool's parameters schema. The variable holds the generated text; `s.tool_calls(name)`
+    the parsed calls in OpenAI's shape, and the meta info `content` (the text outside the
+    calls). Describe the tools in the prompt (loom.tools_prompt) unless the program does."""
     _check_name(name)
     given = {
         "regex": regex,
@@ -57,6 +82,8 @@ def gen(
         "choices": choices,
         "dtype": dtype if dtype is not str else None,
     }
+    offered = _tools(name, tools, tool_choice, parallel_tool_calls)
+    given["tools"] = offered
     constraints = [k for k, v in given.items() if v is not None]
     if len(constraints) > 1:
         raise LoomError(f"gen {name!r}: give one constraint at most, got {constraints}")
@@ -83,7 +110,31 @@ def gen(
         ebnf=ebnf,
     )
     dtype = dtype if dtype is not str else None
-    return Gen(name, params, dtype, return_logprob, top_logprobs_num, split_literals)
+    return Gen(name, params, dtype, return_logprob, top_logprobs_num, split_literals, offered)
+
+
+def tools_prompt(tools: list[dict]) -> str:
+    """Text that describes `tools` to a model and asks for hermes-style calls (what the
+    server writes into the system message when a chat template does not render tools)."""
+    try:
+        return describe_tools(parse_tools(tools))
+    except ToolError as e:
+        raise LoomError(f"tools_prompt: {e}") from None
+
+
+def _tools(name: str | None, tools: Any, choice: Any, parallel: bool | None) -> GenTools | None:
+    """A gen's tools, checked; None without tools or with tool_choice "none"."""
+    if tools is None and choice is None:
+        return None
+    if isinstance(choice, str) and choice not in ("none", "auto", "required"):
+        choice = {"type": "function", "function": {"name": choice}}  # a tool's name
+    try:
+        offered = parse_tools([] if tools is None else tools)
+        picked = parse_tool_choice(choice, offered, parallel)
+        check_parameters(offered)
+    except ToolError as e:
+        raise LoomError(f"gen {name!r}: {e}") from None
+    return GenTools(offered, picked) if picked.calls_tools else None
 
 
 def gen_int(name: str | None = None, **kwargs: Any) -> Expr:

@@ -31,6 +31,7 @@ from loom.lang.errors import LoomError
 from loom.lang.executor import Executor
 from loom.lang.ir import Gen, Select
 from loom.lang.schema_split import Free, Literal, split_schema_text
+from loom.lang.tool_gen import prepare_tool_gen, tool_calls_meta
 
 _NO_CALL_META = {"prompt_tokens": 0, "completion_tokens": 0, "cached_tokens": 0}
 _OUTPUT_LISTS = ("output_token_logprobs", "output_top_logprobs")  # one entry per token
@@ -45,7 +46,11 @@ def run_gen(ex: Executor, g: Gen) -> None:
             "an assistant turn (s += loom.assistant(loom.gen(...)))"
         )
     split = bool(_pick(g.split_literals, ex.ctx.defaults.get("split_literals"), True))
-    if "regex" in params and not caps.grammar:
+    if g.tools is not None:
+        fmt = prepare_tool_gen(ex, g, params)
+        value, meta = _complete(ex, g, params, append=True)
+        meta = tool_calls_meta(g, fmt, value, meta)
+    elif "regex" in params and not caps.grammar:
         if not split:
             raise LoomError(
                 f"gen {g.name!r}: {type(ex.ctx.backend).__name__} cannot enforce regexes while "

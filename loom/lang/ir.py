@@ -10,6 +10,8 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, fields
 from typing import Any
 
+from loom.constrain.tools.spec import Tool, ToolChoice
+
 ROLES = ("system", "user", "assistant")
 
 
@@ -106,6 +108,13 @@ class Gen(Expr):
     return_logprob: bool | None = None
     top_logprobs_num: int | None = None
     split_literals: bool | None = None  # None: the run's default (on)
+    tools: GenTools | None = None  # tools offered to this gen (gen(tools=...))
+
+
+@dataclass(frozen=True)
+class GenTools:
+    tools: tuple[Tool, ...]
+    choice: ToolChoice
 
 
 @dataclass(frozen=True, eq=False)

@@ -169,6 +169,11 @@ class ProgramState(StateBase):
         self._ex.wait_var(name)
         return self._ex.meta.get(name)
 
+    def tool_calls(self, name: str) -> list[dict]:
+        """The calls a gen offered tools made, in OpenAI's shape ({"id", "type",
+        "function": {"name", "arguments"}}, arguments as JSON text); [] when none."""
+        return list((self.get_meta_info(name) or {}).get("tool_calls", []))
+
     def text(self) -> str:
         self._ex.sync()
         return self._ex.text

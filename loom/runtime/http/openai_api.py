@@ -28,6 +28,7 @@ from loom.runtime.http.openai_protocol import (
     reject_unsupported,
     sampling_params,
 )
+from loom.runtime.http.openai_tools import ChatTools, chat_format, chat_tools, conversation
 from loom.runtime.tokenizer.inputs import GenerateInput
 
 M = TypeVar("M", bound=BaseModel)
@@ -41,6 +42,8 @@ class OpenAIServing:
         self.context_len = engine.info.context_length
         self.chat_template = _read_template(engine.args.chat_template)
         self.template_call_args = _parameters(self.tokenizer.apply_chat_template)
+        template = self.chat_template or getattr(self.tokenizer, "chat_template", None)
+        self.tool_format = chat_format(template, self.tokenizer.get_vocab())
         self.created = int(time.time())
 
     def models(self) -> dict:
@@ -128,35 +131,41 @@ class OpenAIServing:
     # ---- chat ---------------------------------------------------------------------------
 
     async def chat(self, body: dict, request: Request) -> Response | dict:
-        req, obj = await self.frontend.off_loop(self.chat_input, body)
+        req, tools, obj = await self.frontend.off_loop(self.chat_input, body)
         prepared = await self.frontend.prepare(obj)
         reply = fmt.Reply(_response_id("chatcmpl", req.rid), self.model_name, req.n, req.logprobs)
         if req.stream:
             chunks = self.frontend.chunks(prepared)
-            events = fmt.chat_stream(chunks, reply, req.n, req.include_usage())
+            events = fmt.chat_stream(chunks, reply, req.n, req.include_usage(), tools)
             return StreamingResponse(sse(events), media_type="text/event-stream")
         results = await self.frontend.result(prepared, request)
-        return fmt.chat_response(_as_list(results), reply)
+        return fmt.chat_response(_as_list(results), reply, tools)
 
-    def chat_input(self, body: dict) -> tuple[ChatCompletionRequest, GenerateInput]:
+    def chat_input(
+        self, body: dict
+    ) -> tuple[ChatCompletionRequest, ChatTools | None, GenerateInput]:
         req = _parse(ChatCompletionRequest, body)
         self.check_model(req.model)
         reject_unsupported(req)
-        ids = self._render_chat(req)
+        tools = chat_tools(req.tools, req.tool_choice, req.parallel_tool_calls, self.tool_format)
+        ids = self._render_chat(req, tools)
         requested = req.max_completion_tokens
         requested = req.max_tokens if requested is None else requested
+        params = sampling_params(req, self._max_new(requested, len(ids)))
+        if tools is not None:
+            params.update(_tool_sampling(req, tools))
         obj = GenerateInput(
             input_ids=ids,
-            sampling_params=sampling_params(req, self._max_new(requested, len(ids))),
+            sampling_params=params,
             rid=req.rid,
             return_logprob=req.logprobs,
             top_logprobs_num=(req.top_logprobs or 0) if req.logprobs else 0,
             return_text_in_logprobs=True,
             stream=req.stream,
         )
-        return req, obj
+        return req, tools, obj
 
-    def _render_chat(self, req: ChatCompletionRequest) -> list[int]:
+    def _render_chat(self, req: ChatCompletionRequest, tools: ChatTools | None) -> list[int]:
         template = self.chat_template or getattr(self.tokenizer, "chat_template", None)
         if not template:
             raise APIError(
@@ -173,18 +182,16 @@ class OpenAIServing:
                 "tokenizer's call (loom sets them), not variables of the template",
                 param="chat_template_kwargs",
             )
-        conversation = [
-            {"role": "system" if m.role == "developer" else m.role, "content": m.text()}
-            for m in req.messages
-        ]
+        messages, tool_kwargs = conversation(req.messages, tools, template)
         try:
             ids = self.tokenizer.apply_chat_template(
-                conversation,
+                messages,
                 chat_template=template,
                 add_generation_prompt=req.add_generation_prompt and not req.continue_final_message,
                 continue_final_message=req.continue_final_message,
                 tokenize=True,
                 return_dict=False,
+                **tool_kwargs,
                 **template_kwargs,
             )
         except Exception as e:  # noqa: BLE001 - a template rejecting the conversation
@@ -206,6 +213,21 @@ def add_openai_routes(app: FastAPI, engine: Engine, frontend: Frontend, model_na
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         return await serving.chat(await read_json(request), request)
+
+
+def _tool_sampling(req: ChatCompletionRequest, tools: ChatTools) -> dict:
+    """The calls' constraint; it takes the place of any other, so none may be given."""
+    fmt = req.response_format
+    given = [n for n in ("regex", "ebnf") if getattr(req, n) is not None]
+    given += ["response_format"] if fmt is not None and fmt.type != "text" else []
+    if given:
+        raise APIError(
+            400,
+            f"tools with tool_choice {tools.choice.mode!r} constrain the output to the calls; "
+            f"{given[0]} cannot be combined with them (send tool_choice none, or drop it)",
+            param=given[0],
+        )
+    return tools.sampling()
 
 
 def _parse(model: type[M], body: dict) -> M:

@@ -7,6 +7,9 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
+from loom.constrain.tools.parser import ToolCallStream
+from loom.runtime.http.openai_tools import ChatTools, stream_delta
+
 
 @dataclass
 class Reply:
@@ -94,18 +97,15 @@ def completion_response(results: list[dict], reply: Reply) -> dict:
     return {**reply.envelope("text_completion"), "choices": choices, "usage": usage(metas, reply.n)}
 
 
-def chat_response(results: list[dict], reply: Reply) -> dict:
+def chat_response(results: list[dict], reply: Reply, tools: ChatTools | None = None) -> dict:
     choices = []
     for i, r in enumerate(results):
         lp = chat_logprobs(*_logprob_lists(r["meta_info"])) if reply.logprobs else None
-        choices.append(
-            {
-                "index": i,
-                "message": {"role": "assistant", "content": r["text"]},
-                "logprobs": lp,
-                "finish_reason": finish_reason(r["meta_info"]),
-            }
-        )
+        message = {"role": "assistant", "content": r["text"]}
+        reason = finish_reason(r["meta_info"])
+        if tools is not None:
+            message, reason = tools.message(r["text"], reason)
+        choices.append({"index": i, "message": message, "logprobs": lp, "finish_reason": reason})
     metas = [r["meta_info"] for r in results]
     return {**reply.envelope("chat.completion"), "choices": choices, "usage": usage(metas, reply.n)}
 
@@ -156,8 +156,14 @@ async def completion_stream(
 
 
 async def chat_stream(
-    chunks: AsyncIterator[dict], reply: Reply, choices: int, include_usage: bool
+    chunks: AsyncIterator[dict],
+    reply: Reply,
+    choices: int,
+    include_usage: bool,
+    tools: ChatTools | None = None,
 ) -> AsyncIterator[dict]:
+    """Chunks in OpenAI's shape; with tools, each choice's text goes through a
+    ToolCallStream, which sends calls as tool_calls deltas."""
     kind = "chat.completion.chunk"
     for index in range(choices):
         role = {"index": index, "delta": {"role": "assistant", "content": ""}}
@@ -166,23 +172,19 @@ async def chat_stream(
             "choices": [{**role, "logprobs": None, "finish_reason": None}],
         }
     tally = _StreamTally()
+    streams: dict[int, ToolCallStream] = {}
     async for chunk in chunks:
         index, meta = chunk.get("index", 0), chunk["meta_info"]
         tally.metas[index] = meta
         logprobs = chat_logprobs(*tally.new_logprobs(index, meta)) if reply.logprobs else None
-        if (
-            not chunk["text"]
-            and finish_reason(meta) is None
-            and not (logprobs or {}).get("content")
-        ):
-            continue
+        reason = finish_reason(meta)
         delta = {"content": chunk["text"]} if chunk["text"] else {}
-        choice = {
-            "index": index,
-            "delta": delta,
-            "logprobs": logprobs,
-            "finish_reason": finish_reason(meta),
-        }
+        if tools is not None:
+            stream = streams.setdefault(index, tools.stream())
+            delta, reason = stream_delta(stream, chunk["text"], reason)
+        if not delta and reason is None and not (logprobs or {}).get("content"):
+            continue
+        choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": reason}
         yield {**reply.envelope(kind), "choices": [choice]}
     if include_usage:
         yield {**reply.envelope(kind), "choices": [], "usage": tally.usage(reply.n)}

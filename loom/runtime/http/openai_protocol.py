@@ -91,11 +91,23 @@ class TextPart(_Strict):
     text: str
 
 
+class FunctionCall(_Strict):
+    name: str
+    arguments: str  # JSON text, as OpenAI sends it
+
+
+class AssistantToolCall(_Strict):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(_Strict):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
     name: str | None = None
     tool_call_id: str | None = None
+    tool_calls: list[AssistantToolCall] | None = None  # an assistant's past calls
 
     def text(self) -> str:
         if self.content is None:
@@ -110,7 +122,8 @@ class ChatCompletionRequest(_Sampling):
     max_completion_tokens: int | None = Field(None, ge=0)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
-    tools: list[dict[str, Any]] | None = None
+    # Checked by loom.constrain.tools.spec (a 400 that names the field to fix).
+    tools: list[Any] | None = None
     tool_choice: str | dict[str, Any] | None = None
     parallel_tool_calls: bool | None = None
     add_generation_prompt: bool = True
@@ -130,8 +143,6 @@ def reject_unsupported(req: _Sampling) -> None:
         if req.best_of is not None and req.best_of != req.n:
             raise APIError(400, "best_of must equal n (or be omitted)", param="best_of")
     if isinstance(req, ChatCompletionRequest):
-        if req.tools and req.tool_choice != "none":
-            raise APIError(400, "tool calling is not supported; omit `tools`", param="tools")
         if req.logprobs is False and req.top_logprobs:
             raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
 
