@@ -36,6 +36,7 @@ import argparse
 import cProfile
 import json
 import pstats
+import sys
 import time
 from dataclasses import dataclass
 
@@ -233,6 +234,12 @@ def main() -> None:
         "(an A/B of that overlap)",
     )
     p.add_argument(
+        "--gil-switch-ms",
+        type=float,
+        default=sampling.GIL_SWITCH_INTERVAL_S * 1e3,
+        help="the GIL switch interval, as the scheduler process sets it (Python's default: 5)",
+    )
+    p.add_argument(
         "--no-early-decode",
         action="store_true",
         help="build each decode step after the step before is sampled, not while its masks "
@@ -242,6 +249,7 @@ def main() -> None:
         "--profile", action="store_true", help="print the scheduler thread's profile of each run"
     )
     args = smoke.parse_args(p, SMOKE)
+    sys.setswitchinterval(args.gil_switch_ms / 1e3)
     folder = resolve_model_path(args.model_path)
     if "replay" in args.walks and args.schemas == "cases":
         p.error("--walks replay: recorded walks exist for --schemas person and jsonschemabench")
