@@ -44,9 +44,14 @@ def _generate(ns: argparse.Namespace) -> int:
     from loom.runtime.engine import Engine
     from loom.runtime.sampling.params import InvalidRequestError
 
-    args = ServerArgs.from_cli(ns)
+    args = ns.server_args
     sampling = _sampling_from(ns)
-    with Engine(**dataclasses.asdict(args)) as engine:
+    try:
+        engine = Engine(**dataclasses.asdict(args))
+    except Exception as e:  # noqa: BLE001 - a start-up failure is reported, not a traceback
+        print(f"loom generate cannot start: {e}", file=sys.stderr)
+        return 1
+    with engine:
         input_ids = None
         prompt = ns.prompt
         template = getattr(engine.tokenizer, "chat_template", None)
@@ -122,10 +127,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Like parse_args, with a "did you mean" for options no subcommand knows."""
     parser = build_parser()
     ns, extras = parser.parse_known_args(argv)
+    command = _subparsers(parser).choices[ns.command]
     if extras:
-        command = _subparsers(parser).choices[ns.command]
         # Not command.error: its usage block runs to 40 lines and buries the hint.
         command.exit(2, f"{command.prog}: error: {_unrecognized(extras, command)}\n")
+    if ns.command in ("generate", "serve"):
+        try:
+            ns.server_args = ServerArgs.from_cli(ns)
+        except ValueError as e:  # a value the flag's type took but the server cannot
+            command.exit(2, f"{command.prog}: error: {e}\n")
     return ns
 
 
@@ -168,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
     if ns.command == "serve":
         from loom.runtime.http.launch import run_server
 
-        return run_server(ServerArgs.from_cli(ns), exit_with_parent=ns.exit_with_parent)
+        return run_server(ns.server_args, exit_with_parent=ns.exit_with_parent)
     return 1
 
 

@@ -82,7 +82,8 @@ def test_a_remote_program_selects_with_the_servers_tokenizer_and_template(served
     exec(PROGRAM, scope)
     state = scope["pick"].run(backend=engine)
     assert remote == {"answer": state["answer"], "text": state.text()}
-    assert remote["text"].startswith("t3 t5 t6 t4 t3 ")  # the server's template
+    # The server's template: each message's words between t3 and t4.
+    assert remote["text"] == f"t3 t5 t6 t4 {remote['answer']} t4 "
 
 
 def test_the_tokenizer_files_hold_the_template_and_no_weights(served):
