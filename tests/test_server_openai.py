@@ -211,6 +211,8 @@ def test_a_repeated_prompt_reports_cached_tokens(client, model):
             "tool",
         ),
         (dict(response_format={"type": "xml"}), openai.BadRequestError, "response_format"),
+        (dict(store=True), openai.BadRequestError, "store"),
+        (dict(service_tier="flex"), openai.BadRequestError, "service_tier"),
     ],
 )
 def test_chat_errors_have_status_codes_and_say_what_to_fix(client, model, call, error, message):

@@ -179,7 +179,7 @@ class Frontend:
         """The manager's outputs: stream chunks, or for a non-stream request one result (a
         list for a batch or n > 1). Raises APIError for a request the scheduler aborted."""
         agen = self.manager.generate(prepared.obj, (prepared.items, prepared.is_batch))
-        finished = 0
+        finished, failed = 0, False
         try:
             async for out in agen:
                 for result in out if isinstance(out, list) else [out]:
@@ -187,9 +187,10 @@ class Frontend:
                     self._on_output(result["meta_info"], prepared.obj.stream)
                 yield out
         except Exception as e:  # noqa: BLE001 - mapped to the right status
+            failed = True
             raise as_api_error(e) from e
         finally:
-            if finished < len(prepared.items) and self.dead is None:  # the client left
+            if finished < len(prepared.items) and not failed:  # the client left (cancelled)
                 self.metrics.abort("client")
             prepared.release()
             for item in prepared.items:
