@@ -133,6 +133,17 @@ class ServerMetrics:
         self.queue = self._histogram(
             "vllm:request_queue_time_seconds", "arrival to first prefill", _LATENCY_BUCKETS
         )
+        # The phases of a request after its wait (inference = prefill + decode); prefill
+        # and decode need the first token's time, so come from streamed requests only.
+        self.inference = self._histogram(
+            "vllm:request_inference_time_seconds", "first prefill to last token", _LATENCY_BUCKETS
+        )
+        self.prefill = self._histogram(
+            "vllm:request_prefill_time_seconds", "first prefill to first token", _LATENCY_BUCKETS
+        )
+        self.decode = self._histogram(
+            "vllm:request_decode_time_seconds", "first token to last token", _LATENCY_BUCKETS
+        )
         self.prompt_tokens = self._histogram(
             "vllm:request_prompt_tokens", "prompt tokens per request", _TOKEN_BUCKETS
         )
@@ -173,12 +184,17 @@ class ServerMetrics:
         self.prompt_tokens.observe(meta.get("prompt_tokens", 0))
         tokens = meta.get("completion_tokens", 0)
         self.generation_tokens.observe(tokens)
-        if meta.get("queue_time") is not None:
-            self.queue.observe(meta["queue_time"])
+        queue = meta.get("queue_time")
+        if queue is not None:
+            self.queue.observe(queue)
+            self.inference.observe(max(meta["e2e_latency"] - queue, 0.0))
         ttft = meta.get("ttft")
         if not streamed or ttft is None:
             return
         self.ttft.observe(ttft)
+        self.decode.observe(meta["e2e_latency"] - ttft)
+        if queue is not None:
+            self.prefill.observe(max(ttft - queue, 0.0))
         if tokens > 1:
             per_token = (meta["e2e_latency"] - ttft) / (tokens - 1)
             self.tpot.observe(per_token)

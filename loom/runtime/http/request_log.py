@@ -74,7 +74,8 @@ class RequestIds:
             return
         started = time.perf_counter()
         given = dict(scope["headers"]).get(ID_HEADER)
-        record = RequestRecord(uuid.uuid4().hex)
+        problem = _id_problem(given)
+        record = RequestRecord(given.decode() if given and not problem else uuid.uuid4().hex)
         status = 500  # what the client gets if the app fails before it answers
 
         async def send_with_id(message: Message) -> None:
@@ -88,9 +89,7 @@ class RequestIds:
 
         token = bind_request(record)
         try:
-            problem = _id_problem(given)
             if problem is None:
-                record.rid = record.rid if given is None else given.decode()
                 await self.app(scope, receive, send_with_id)
             else:
                 await APIError(400, problem).response()(scope, receive, send_with_id)
