@@ -82,3 +82,18 @@ def test_json_logs_come_from_every_process_in_one_shape(tiny_llama, tmpdir_env):
     assert {e["process"] for e in entries} >= {"generate", "scheduler"}
     for entry in entries:
         assert {"time", "level", "process", "logger", "message"} <= set(entry)
+
+
+def test_every_flipped_boolean_reaches_loom_serve_through_runtime_flags():
+    """loom.Runtime starts `loom serve` with cli_flags(args): each bool, turned either way
+    from its default, must come back the same."""
+    import dataclasses
+
+    from loom.backends.runtime import cli_flags
+    from loom.runtime.args import ServerArgs
+
+    flipped = {
+        f.name: not f.default for f in dataclasses.fields(ServerArgs) if isinstance(f.default, bool)
+    }
+    args = ServerArgs(**flipped, log_interval=0.5, log_format="json")
+    assert parse_args(["serve", *cli_flags(args)]).server_args == args
