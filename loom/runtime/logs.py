@@ -12,6 +12,7 @@ any process from an explicit `extra={"rid": ...}`.
 from __future__ import annotations
 
 import contextvars
+import importlib.util
 import json
 import logging
 import logging.config
@@ -116,6 +117,19 @@ def logging_config(process: str, level: str = "info", fmt: str = "text") -> dict
 
 def configure_logging(process: str, level: str = "info", fmt: str = "text") -> None:
     logging.config.dictConfig(logging_config(process, level, fmt))
+    _adopt_transformers_logs()
+
+
+def _adopt_transformers_logs() -> None:
+    """transformers gives its loggers a handler of their own (its format, no process name)
+    and stops them there: send its lines (warnings and worse, its default) through ours.
+    Every process that loads a model imports it anyway."""
+    if importlib.util.find_spec("transformers") is None:
+        return
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_default_handler()
+    transformers_logging.enable_propagation()
 
 
 def check_logging_args(level: str, fmt: str) -> None:
