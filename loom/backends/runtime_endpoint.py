@@ -8,10 +8,12 @@ the GIL: httpx took ~0.7 ms of it per request, http.client ~0.2 ms."""
 from __future__ import annotations
 
 import functools
+import hashlib
 import http.client
 import json
 import os
 import ssl
+import tempfile
 import threading
 import urllib.parse
 import weakref
@@ -130,6 +132,25 @@ class RuntimeEndpoint:
     def get_server_info(self) -> dict:
         return self._call("GET", "/server_info")
 
+    def get_tokenizer(self):
+        """The server's tokenizer, chat template included, built here from the files it
+        serves (GET /tokenizer/files): the same token ids and template as on the server,
+        with no access to its model folder."""
+        from transformers import AutoTokenizer
+
+        listing = self._call("GET", "/tokenizer/files")["files"]
+        with tempfile.TemporaryDirectory(prefix="loom-tokenizer-") as tmp:
+            for entry in listing:
+                name = entry["name"]
+                if os.path.basename(name) != name or name.startswith("."):
+                    raise RuntimeEndpointError(200, f"the server listed a bad file name {name!r}")
+                data = self._fetch("GET", "/tokenizer/files/" + urllib.parse.quote(name))
+                if hashlib.sha256(data).hexdigest() != entry["sha256"]:
+                    raise RuntimeEndpointError(200, f"{name} arrived damaged (sha256 differs)")
+                with open(os.path.join(tmp, name), "wb") as f:
+                    f.write(data)
+            return AutoTokenizer.from_pretrained(tmp)
+
     def flush_cache(self) -> dict:
         return self._call("POST", "/flush_cache")
 
@@ -151,6 +172,9 @@ class RuntimeEndpoint:
             conn.close()
 
     def _call(self, method: str, path: str, body: dict | None = None) -> Any:
+        return json.loads(self._fetch(method, path, body))
+
+    def _fetch(self, method: str, path: str, body: dict | None = None) -> bytes:
         conn, response = self._send(method, path, body)
         try:
             data = response.read()
@@ -159,7 +183,7 @@ class RuntimeEndpoint:
             raise
         self._checkin(conn)
         _raise_for_error(response.status, data)
-        return json.loads(data)
+        return data
 
     def _send(
         self, method: str, path: str, body: dict | None

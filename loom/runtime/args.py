@@ -8,6 +8,8 @@ import types
 import typing
 from dataclasses import dataclass, field
 
+from loom.runtime.logs import LOG_FORMATS, LOG_LEVELS
+
 # Where `loom serve` and loom's clients (RuntimeEndpoint, Runtime) read the API key when
 # no argument gives it: an environment variable stays out of the process list.
 API_KEY_ENV = "LOOM_API_KEY"
@@ -88,7 +90,15 @@ class ServerArgs:
     host: str = _arg("127.0.0.1", "HTTP host")
     port: int = _arg(30000, "HTTP port")
     random_seed: int | None = _arg(None, "seed for requests that give none")
-    log_level: str = _arg("info", "logging level", ("debug", "info", "warning", "error"))
+    log_level: str = _arg("info", "logging level", LOG_LEVELS)
+    log_format: str = _arg(
+        "text", "log lines as text or as one JSON object per line (every process)", LOG_FORMATS
+    )
+    log_interval: float = _arg(
+        10.0,
+        "seconds between the scheduler's load lines (running, waiting, KV use, cache hits, "
+        "tokens/s) while it has work; 0 turns them off",
+    )
     watchdog_timeout: float = _arg(
         300.0,
         "seconds the scheduler or detokenizer may go without progress before it counts as "
@@ -119,6 +129,8 @@ class ServerArgs:
             raise ValueError("grammar_mask_threads must be at least 1")
         if not self.watchdog_timeout > 0:  # NaN too
             raise ValueError("watchdog_timeout must be > 0 seconds")
+        if not self.log_interval >= 0:  # NaN too
+            raise ValueError("log_interval must be >= 0 seconds (0 turns the load lines off)")
         if self.max_request_body_bytes < 1:
             raise ValueError("max_request_body_bytes must be at least 1")
 
@@ -136,8 +148,8 @@ class ServerArgs:
         for f in dataclasses.fields(cls):
             flag = "--" + f.name.replace("_", "-")
             help_text = f.metadata.get("help", "")
-            if hints[f.name] is bool:  # one on by default also gets --no-<flag>
-                action = argparse.BooleanOptionalAction if f.default else "store_true"
+            if hints[f.name] is bool:  # --flag / --no-flag
+                action = argparse.BooleanOptionalAction
                 parser.add_argument(flag, action=action, default=f.default, help=help_text)
                 continue
             parser.add_argument(

@@ -20,6 +20,7 @@ import shutil
 import subprocess
 import tempfile
 import threading
+import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import BinaryIO
 
@@ -47,6 +48,7 @@ class Engine:
         from loom.runtime.models.model_source import resolve_model_path
 
         self.args = ServerArgs.from_kwargs(model_path=model_path, **server_args)
+        template = _read_template(self.args.chat_template)  # fail before loading a model
         self.model_folder = resolve_model_path(model_path)
         self._children: dict[str, subprocess.Popen] = {}
         self._watchdog = Watchdog(self.args.watchdog_timeout, self._on_child_failure)
@@ -57,14 +59,19 @@ class Engine:
         self._closed = False
         self._ipc_dir = tempfile.mkdtemp(prefix="loom-ipc-")
         addr = {k: f"ipc://{self._ipc_dir}/{k}" for k in ("scheduler", "detokenizer", "manager")}
+        started = time.monotonic()
+        logger.info("loading %s (weights, tokenizer, KV pool)", self.model_folder)
         try:
             self.info = self._launch(addr)
         except BaseException:
             self.shutdown()
             raise
+        logger.info("model loaded in %.1f s", time.monotonic() - started)
         self.tokenizer = AutoTokenizer.from_pretrained(
             self.args.tokenizer_path or self.model_folder
         )
+        if template is not None:  # every use of the tokenizer's template sees the flag's
+            self.tokenizer.chat_template = template
         limits = InputLimits(
             self.tokenizer,
             self.info.context_length,
@@ -91,6 +98,7 @@ class Engine:
                 in_addr=addr["detokenizer"],
                 out_addr=addr["manager"],
                 log_level=self.args.log_level,
+                log_format=self.args.log_format,
             ),
         )
         sched = self._spawn(
@@ -337,6 +345,16 @@ async def _first(agen):
     finally:
         await agen.aclose()
     raise RuntimeError("generate produced no result")
+
+
+def _read_template(path: str | None) -> str | None:
+    if path is None:
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except OSError as e:
+        raise ValueError(f"cannot read the --chat-template file {path!r}: {e.strerror}") from e
 
 
 def _grammar_check(args: ServerArgs):

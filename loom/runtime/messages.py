@@ -68,6 +68,8 @@ class ReqOutput:
     text: str = ""
     # Set when a lenient JSON schema's output failed validation.
     schema_violation: str | None = None
+    # Seconds the request waited before its first prefill (None until it was admitted).
+    queue_time: float | None = None
 
 
 @dataclass
@@ -96,6 +98,11 @@ class ServerInfo:
     # one a decode step saved).
     jump_forward_draft_tokens_total: int = 0
     jump_forward_tokens_total: int = 0
+
+    @property
+    def tokens_in_use(self) -> int:
+        """KV slots held by requests: neither free nor reclaimable from the prefix cache."""
+        return self.max_total_tokens - self.available_tokens - self.evictable_tokens
 
 
 @dataclass

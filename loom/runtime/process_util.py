@@ -2,19 +2,16 @@
 
 from __future__ import annotations
 
-import logging
 import os
 import signal
 import threading
 import time
 
+from loom.runtime.logs import configure_logging
 
-def configure_process(name: str, log_level: str) -> None:
-    logging.basicConfig(
-        level=getattr(logging, log_level.upper(), logging.INFO),
-        format=f"[%(asctime)s {name}] %(levelname)s %(message)s",
-        datefmt="%H:%M:%S",
-    )
+
+def configure_process(name: str, log_level: str, log_format: str = "text") -> None:
+    configure_logging(name, log_level, log_format)
     # The parent handles Ctrl-C and shuts children down in order.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     watch_parent()

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import uuid
 import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -23,6 +24,8 @@ from fastapi import Request
 
 from loom.runtime.http.errors import APIError, ClientDisconnected, as_api_error
 from loom.runtime.http.metrics import ServerMetrics
+from loom.runtime.http.request_log import RequestRecord
+from loom.runtime.logs import current_request
 from loom.runtime.messages import ServerInfo
 from loom.runtime.tokenizer.inputs import GenerateInput, Item, expand
 from loom.runtime.tokenizer.manager import TokenizerManager
@@ -73,11 +76,20 @@ class InFlightNames:
     def rids(self, name: str) -> list[str]:
         return sorted(self._rids.get(name, ()))
 
+    def __contains__(self, name: str) -> bool:
+        return name in self._rids
+
 
 class Frontend:
-    def __init__(self, manager: TokenizerManager, max_running: int, max_queued: int | None):
+    def __init__(
+        self,
+        manager: TokenizerManager,
+        max_running: int,
+        max_queued: int | None,
+        model_name: str,
+    ):
         self.manager = manager
-        self.metrics = ServerMetrics()
+        self.metrics = ServerMetrics(model_name)
         # Completions admitted and not yet finished. Beyond what the scheduler runs at once,
         # they wait in its queue: the cap bounds that queue.
         self.in_flight = 0
@@ -110,6 +122,7 @@ class Frontend:
     async def prepare(self, obj: GenerateInput, admit: bool = True) -> Prepared:
         """Validate and tokenize (off the loop); raises APIError (400 bad input, 503 dead or
         full). admit=False: not held to the queue cap (health checks)."""
+        self._name(obj)
         try:
             self.manager.check_alive()  # before the work, not only after it
             items, is_batch = await self.off_loop(expand, obj, self.manager.limits)
@@ -136,6 +149,20 @@ class Frontend:
         weakref.finalize(prepared, _call_on, asyncio.get_running_loop(), prepared.release)
         return prepared
 
+    def _name(self, obj: GenerateInput) -> None:
+        """One id for the request in the log, the scheduler and /abort_request: the body's
+        rid, else the HTTP request's (its X-Request-Id header or a fresh one, request_log);
+        a header id already in flight (a client's retry) gets a suffix."""
+        record = current_request()
+        if not isinstance(record, RequestRecord):  # not served over HTTP
+            return
+        if isinstance(obj.rid, str):
+            record.rid = obj.rid
+        elif obj.rid is None:
+            if record.rid in self.names:
+                record.rid = f"{record.rid}-{uuid.uuid4().hex[:8]}"
+            obj.rid = record.rid
+
     def _releaser(self, items: list[Item]) -> Callable[[], None]:
         released = False
 
@@ -152,14 +179,19 @@ class Frontend:
         """The manager's outputs: stream chunks, or for a non-stream request one result (a
         list for a batch or n > 1). Raises APIError for a request the scheduler aborted."""
         agen = self.manager.generate(prepared.obj, (prepared.items, prepared.is_batch))
+        finished, failed = 0, False
         try:
             async for out in agen:
                 for result in out if isinstance(out, list) else [out]:
+                    finished += result["meta_info"].get("finish_reason") is not None
                     self._on_output(result["meta_info"], prepared.obj.stream)
                 yield out
         except Exception as e:  # noqa: BLE001 - mapped to the right status
+            failed = True
             raise as_api_error(e) from e
         finally:
+            if finished < len(prepared.items) and not failed:  # the client left (cancelled)
+                self.metrics.abort("client")
             prepared.release()
             for item in prepared.items:
                 self.client_aborted.discard(item.request.rid)
@@ -170,11 +202,16 @@ class Frontend:
         return await until_disconnect(request, _first(self.chunks(prepared)))
 
     def _on_output(self, meta: dict, streamed: bool) -> None:
+        """Count a completion that finished, for /metrics and the request's log line."""
         reason = meta.get("finish_reason")
         if reason is None:
             return
-        self.metrics.observe(meta, streamed)
-        if reason.get("type") == "abort" and meta["id"] not in self.client_aborted:
+        by_client = meta["id"] in self.client_aborted
+        self.metrics.observe(meta, streamed, by_client)
+        record = current_request()
+        if isinstance(record, RequestRecord):
+            record.add(meta)
+        if reason.get("type") == "abort" and not by_client:
             raise APIError(400, reason.get("message") or "the request was aborted")
 
     def abort(self, rid: str) -> list[str]:

@@ -24,12 +24,14 @@ import threading
 import time
 
 from loom.runtime.args import ServerArgs
+from loom.runtime.logs import logging_config
 
 logger = logging.getLogger(__name__)
 
 GRACEFUL_SHUTDOWN_S = 5  # in-flight responses get this long to finish on SIGTERM
 FAILED_EXIT_DELAY_S = 5.0  # a server whose child failed answers 503 this long, then exits
 EXIT_CHILD_FAILED = 1
+SERVER_PROCESS = "server"  # how its log lines name this process
 
 
 class _Stop(BaseException):
@@ -57,8 +59,11 @@ def run_server(args: ServerArgs, exit_with_parent: bool = False) -> int:
             return 1
         config = uvicorn.Config(
             create_app(engine, api_key),
+            # The server's own logging config, so uvicorn's lines share its format; each
+            # request's line comes from request_log (uvicorn's access line has no id).
+            log_config=logging_config(SERVER_PROCESS, args.log_level, args.log_format),
             log_level=args.log_level,
-            access_log=args.log_level == "debug",
+            access_log=False,
             timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
         )
         server = uvicorn.Server(config)

@@ -47,14 +47,16 @@ class OpenAIServing:
         self.created = int(time.time())
 
     def models(self) -> dict:
-        card = {
+        return {"object": "list", "data": [self.model_card()]}
+
+    def model_card(self) -> dict:
+        return {
             "id": self.model_name,
             "object": "model",
             "created": self.created,
             "owned_by": "loom",
             "max_model_len": self.context_len,
         }
-        return {"object": "list", "data": [card]}
 
     def check_model(self, model: str | None) -> None:
         if model is not None and model != self.model_name:
@@ -71,6 +73,7 @@ class OpenAIServing:
         req, obj = await self.frontend.off_loop(self.completion_input, body)
         prepared = await self.frontend.prepare(obj)
         reply = fmt.Reply(_response_id("cmpl", req.rid), self.model_name, req.n, obj.return_logprob)
+        reply.continuous_usage = req.continuous_usage()
         if req.stream:
             events = fmt.completion_stream(
                 self.frontend.chunks(prepared), reply, req.include_usage()
@@ -134,6 +137,7 @@ class OpenAIServing:
         req, tools, obj = await self.frontend.off_loop(self.chat_input, body)
         prepared = await self.frontend.prepare(obj)
         reply = fmt.Reply(_response_id("chatcmpl", req.rid), self.model_name, req.n, req.logprobs)
+        reply.continuous_usage = req.continuous_usage()
         if req.stream:
             chunks = self.frontend.chunks(prepared)
             events = fmt.chat_stream(chunks, reply, req.n, req.include_usage(), tools)
@@ -205,6 +209,11 @@ def add_openai_routes(app: FastAPI, engine: Engine, frontend: Frontend, model_na
     @app.get("/v1/models")
     async def models() -> dict:
         return serving.models()
+
+    @app.get("/v1/models/{model:path}")  # a hub id holds a slash
+    async def model(model: str) -> dict:
+        serving.check_model(model)
+        return serving.model_card()
 
     @app.post("/v1/completions")
     async def completions(request: Request):

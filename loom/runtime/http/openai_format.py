@@ -20,6 +20,7 @@ class Reply:
     n: int  # completions per prompt
     logprobs: bool
     created: int = field(default_factory=lambda: int(time.time()))
+    continuous_usage: bool = False  # stream_options.continuous_usage_stats
 
     def envelope(self, kind: str) -> dict:
         return {"id": self.id, "object": kind, "created": self.created, "model": self.model}
@@ -32,7 +33,11 @@ def finish_reason(meta: dict) -> str | None:
 
 def usage(metas: list[dict], n: int) -> dict:
     """Token counts; a prompt shared by n completions is counted once, as OpenAI does."""
-    firsts = metas[::n]
+    return _usage(metas[::n], metas)
+
+
+def _usage(firsts: list[dict], metas: list[dict]) -> dict:
+    """Token counts of completions `metas` whose prompts are those of `firsts`."""
     prompt = sum(m["prompt_tokens"] for m in firsts)
     completion = sum(m["completion_tokens"] for m in metas)
     return {
@@ -129,6 +134,16 @@ class _StreamTally:
     def usage(self, n: int) -> dict:
         return usage([self.metas[i] for i in sorted(self.metas)], n)
 
+    def with_usage(self, chunk: dict, reply: Reply) -> dict:
+        """The chunk, with the usage so far when the stream asked for it in every chunk
+        (choices not yet heard from count no tokens)."""
+        if reply.continuous_usage:
+            firsts: dict[int, dict] = {}
+            for index in sorted(self.metas):  # choice index // n: the prompt's
+                firsts.setdefault(index // reply.n, self.metas[index])
+            chunk["usage"] = _usage(list(firsts.values()), list(self.metas.values()))
+        return chunk
+
 
 async def completion_stream(
     chunks: AsyncIterator[dict], reply: Reply, include_usage: bool
@@ -150,7 +165,7 @@ async def completion_stream(
             "logprobs": logprobs,
             "finish_reason": finish_reason(meta),
         }
-        yield {**reply.envelope("text_completion"), "choices": [choice]}
+        yield tally.with_usage({**reply.envelope("text_completion"), "choices": [choice]}, reply)
     if include_usage:
         yield {**reply.envelope("text_completion"), "choices": [], "usage": tally.usage(reply.n)}
 
@@ -185,6 +200,6 @@ async def chat_stream(
         if not delta and reason is None and not (logprobs or {}).get("content"):
             continue
         choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": reason}
-        yield {**reply.envelope(kind), "choices": [choice]}
+        yield tally.with_usage({**reply.envelope(kind), "choices": [choice]}, reply)
     if include_usage:
         yield {**reply.envelope(kind), "choices": [], "usage": tally.usage(reply.n)}

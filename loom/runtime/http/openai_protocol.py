@@ -76,6 +76,10 @@ class _Sampling(_Strict):
     def include_usage(self) -> bool:
         return self.stream_options is not None and self.stream_options.include_usage
 
+    def continuous_usage(self) -> bool:
+        """Whether every chunk of a stream carries the usage so far (vLLM's extension)."""
+        return self.stream_options is not None and self.stream_options.continuous_usage_stats
+
 
 class CompletionRequest(_Sampling):
     prompt: str | list[str] | list[int] | list[list[int]]
@@ -135,6 +139,17 @@ def reject_unsupported(req: _Sampling) -> None:
     """Fields loom accepts but cannot honour: a 400 rather than a silently different answer."""
     if req.logit_bias:
         raise APIError(400, "logit_bias is not supported", param="logit_bias")
+    if req.store:
+        raise APIError(
+            400, "store: true is not supported; loom keeps no completions", param="store"
+        )
+    if req.service_tier not in (None, "auto", "default"):
+        raise APIError(
+            400,
+            f"service_tier {req.service_tier!r} is not supported; loom serves one tier "
+            "(auto / default)",
+            param="service_tier",
+        )
     if isinstance(req, CompletionRequest):
         if req.echo:
             raise APIError(400, "echo is not supported; prepend the prompt yourself", param="echo")

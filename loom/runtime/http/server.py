@@ -22,7 +22,9 @@ from loom.runtime.http.body import read_json
 from loom.runtime.http.errors import APIError, install_error_handlers
 from loom.runtime.http.frontend import Frontend, sse
 from loom.runtime.http.guard import Guard
-from loom.runtime.http.metrics import CONTENT_TYPE, tokens_in_use
+from loom.runtime.http.metrics import CONTENT_TYPE
+from loom.runtime.http.request_log import RequestIds
+from loom.runtime.http.tokenizer_files import add_tokenizer_routes
 from loom.runtime.tokenizer.inputs import GenerateInput
 
 HEALTH_GENERATE_TIMEOUT = 30.0
@@ -39,7 +41,10 @@ def create_app(engine: Engine, api_key: str | None = None) -> FastAPI:
     Given here, not in engine.args, so it never reaches the Engine's child processes nor
     /server_info."""
     frontend = Frontend(
-        engine.manager, engine.info.max_running_requests, engine.args.max_queued_requests
+        engine.manager,
+        engine.info.max_running_requests,
+        engine.args.max_queued_requests,
+        served_model_name(engine),
     )
 
     @asynccontextmanager
@@ -53,8 +58,10 @@ def create_app(engine: Engine, api_key: str | None = None) -> FastAPI:
     app.state.engine = engine
     app.state.frontend = frontend
     app.add_middleware(Guard, api_key=api_key, max_body_bytes=engine.args.max_request_body_bytes)
+    app.add_middleware(RequestIds, metrics=frontend.metrics)  # outermost: ids every answer
     install_error_handlers(app)
     _add_native_routes(app, engine, frontend)
+    add_tokenizer_routes(app, engine.tokenizer, frontend)
     from loom.runtime.http.openai_api import add_openai_routes
 
     add_openai_routes(app, engine, frontend, served_model_name(engine))
@@ -111,7 +118,7 @@ def _add_native_routes(app: FastAPI, engine: Engine, frontend: Frontend) -> None
             "model_folder": engine.model_folder,
             "args": _shown_args(engine),
             **dataclasses.asdict(info),
-            "tokens_in_use": tokens_in_use(info),
+            "tokens_in_use": info.tokens_in_use,
             "in_flight_requests": frontend.in_flight,
             "preparing_requests": frontend.preparing,
             "process_ids": {"server": os.getpid(), **engine.process_ids},

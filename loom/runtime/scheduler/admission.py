@@ -19,6 +19,7 @@ against the cache whole at every step.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -128,6 +129,7 @@ class PrefillAdder:
             req.cached_tokens = prefix
             sched.stats["cache_hit_tokens"] += prefix
             sched.stats["prompt_tokens"] += len(req.origin_input_ids)
+            req.queue_time = time.monotonic() - req.queued_at
         self._admit(req, prefix, n)
         return True
 

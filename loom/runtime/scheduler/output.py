@@ -21,6 +21,7 @@ def take_output(req: Req) -> m.ReqOutput:
         spaces_between_special_tokens=req.sampling.spaces_between_special_tokens,
         no_stop_trim=req.sampling.no_stop_trim,
         schema_violation=req.schema_violation,
+        queue_time=req.queue_time,
     )
     if req.return_logprob:
         out.output_token_logprobs = req.output_token_logprobs[req.sent_logprob_len :]

@@ -17,6 +17,7 @@ import traceback
 
 from loom.runtime import messages as m
 from loom.runtime.args import ServerArgs
+from loom.runtime.scheduler.load_log import LoadLog
 from loom.runtime.watchdog import Heartbeat
 
 logger = logging.getLogger(__name__)
@@ -38,7 +39,7 @@ def run_scheduler_process(
     from loom.runtime.scheduler.sampling import GIL_SWITCH_INTERVAL_S
     from loom.runtime.scheduler.scheduler import Scheduler
 
-    configure_process("scheduler", args.log_level)
+    configure_process("scheduler", args.log_level, args.log_format)
     sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
     ctx = zmq.Context(1)
     receiver = ctx.socket(zmq.PULL)
@@ -72,6 +73,7 @@ def _loop(sched, receiver, sender, heartbeat: Heartbeat) -> None:
 
     poller = zmq.Poller()
     poller.register(receiver, zmq.POLLIN)
+    load = LoadLog(sched.args.log_interval)
     while True:
         heartbeat.beat()
         if sched.has_work():
@@ -96,6 +98,7 @@ def _loop(sched, receiver, sender, heartbeat: Heartbeat) -> None:
         outputs = sched.take_outputs()
         if outputs:
             sender.send_pyobj(m.BatchOutput(outputs))
+        load.tick(sched)
 
 
 def _handle(sched, msg):

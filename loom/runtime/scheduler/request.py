@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -40,6 +41,8 @@ class Req:
 
     output_ids: list[int] = field(default_factory=list)
     arrival: int = field(default_factory=lambda: next(_arrival))
+    queued_at: float = field(default_factory=time.monotonic)
+    queue_time: float | None = None  # seconds from arrival to first admission
     finished_reason: FinishReason | None = None
 
     # KV bookkeeping. prefix_indices: slots of the cached prefix this request matched

@@ -104,6 +104,7 @@ def run_detokenizer_process(
     in_addr: str,
     out_addr: str,
     log_level: str,
+    log_format: str,
     heartbeat: Heartbeat,
     ready_conn,
 ) -> None:
@@ -115,7 +116,7 @@ def run_detokenizer_process(
 
     from loom.runtime.process_util import configure_process
 
-    configure_process("detokenizer", log_level)
+    configure_process("detokenizer", log_level, log_format)
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
     detok = IncrementalDetokenizer(tokenizer)
     ctx = zmq.Context(1)

@@ -57,6 +57,8 @@ class RequestState:
         }
         if self.first_token_time is not None:
             meta["ttft"] = self.first_token_time - self.created
+        if out is not None and out.queue_time is not None:
+            meta["queue_time"] = out.queue_time
         if out is not None and out.schema_violation:
             meta["schema_violation"] = out.schema_violation
         if self.item.request.return_logprob:
