@@ -18,7 +18,7 @@ from loom.runtime.executor.model_runner import ModelRunner
 from loom.runtime.messages import GenerateRequest
 from loom.runtime.sampling import batch as sampling_batches
 from loom.runtime.sampling.params import SamplingParams
-from loom.runtime.scheduler import scheduler as scheduler_module
+from loom.runtime.scheduler import admission
 from loom.runtime.scheduler.finish import FinishChecker
 from loom.runtime.scheduler.jump_forward import JumpForward
 from loom.runtime.scheduler.scheduler import Scheduler
@@ -93,9 +93,9 @@ FAULTS = {
     ),
     # taking "bad" in
     "admission": lambda mp: mp.setattr(
-        scheduler_module,
+        admission,
         "admissibility_problem",
-        raising_for_bad(scheduler_module.admissibility_problem, KeyError("injected")),
+        raising_for_bad(admission.admissibility_problem, KeyError("injected")),
     ),
 }
 NAMES = {"sampling batch": "OverflowError", "finish check": "UnicodeEncodeError"}
@@ -184,7 +184,7 @@ def test_a_request_raising_while_its_jump_forward_draft_is_verified_is_aborted(
     error = ValueError("injected: verify")
     monkeypatch.setattr(JumpForward, "verify", raising_for_bad(JumpForward.verify, error))
     results = run(sched, reqs())
-    assert sched.jump.drafted_tokens > 0
+    assert sched.server_info().jump_forward_draft_tokens_total > 0
     _, reason = results.pop("bad")
     assert reason["type"] == "abort" and "ValueError: injected: verify" in reason["message"]
     assert results == {rid: clean[rid] for rid in results}

@@ -23,16 +23,16 @@ was removed because it changed outputs; this is what makes loom's safe to leave 
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import torch
 
 from loom.constrain.jump_forward import forced_tokens
+from loom.runtime.forward import ForwardBatch, LogitsOutput
 from loom.runtime.scheduler import batch as batching
+from loom.runtime.scheduler.kv_ops import KVOps
 from loom.runtime.scheduler.request import Req
-
-if TYPE_CHECKING:
-    from loom.runtime.scheduler.scheduler import Scheduler
+from loom.runtime.scheduler.sampling import StepSampler
 
 
 def drop_draft(req: Req) -> None:
@@ -42,9 +42,42 @@ def drop_draft(req: Req) -> None:
         req.draft_len = 0
 
 
+class StepHost(Protocol):
+    """What a drafted decode step needs from the loop that runs it: the forward, and the
+    processing of sampled tokens every other step gets too (nothing may be in flight)."""
+
+    def forward(self, batch: ForwardBatch) -> LogitsOutput:
+        """Run one batch through the model (counted as a forward step)."""
+
+    def sample_and_advance(self, reqs: list[Req], logits: torch.Tensor) -> None:
+        """Sample one token per request from its row of `logits` and process it."""
+
+    def advance(self, req: Req, token: int) -> None:
+        """Append one sampled token to req, finishing it if it is done."""
+
+    def settle(self, req: Req) -> None:
+        """After req's new tokens: free it if finished, else stream them and draft."""
+
+    def fail(self, req: Req, exc: Exception) -> None:
+        """Abort req, whose processing raised `exc`, and free its KV."""
+
+
 class JumpForward:
-    def __init__(self, sched: Scheduler):
-        self.sched = sched
+    def __init__(
+        self,
+        tokenizer,
+        context_len: int,
+        kv: KVOps,
+        sampler: StepSampler,
+        device: torch.device,
+        host: StepHost,
+    ):
+        self.tokenizer = tokenizer
+        self.context_len = context_len
+        self.kv = kv
+        self.sampler = sampler
+        self.device = device
+        self.host = host
         self.drafted_tokens = 0  # draft tokens run through the model
         self.accepted_tokens = 0  # of those, confirmed: one decode step saved each
 
@@ -58,9 +91,9 @@ class JumpForward:
         # past max_new_tokens or the context length would never be reached.
         room = min(
             req.sampling.max_new_tokens - len(req.output_ids),
-            self.sched.runner.context_len - req.seqlen,
+            self.context_len - req.seqlen,
         )
-        tokens = forced_tokens(self.sched.tokenizer, req.output_ids, forced)
+        tokens = forced_tokens(self.tokenizer, req.output_ids, forced)
         if len(tokens) > 1:
             # The forced text's last token tends to merge with the free text after it
             # (`"` then `:` is spelled `":`), which the grammar cannot know: most drafts
@@ -77,26 +110,25 @@ class JumpForward:
         """The decode step of `reqs` when some hold drafts. Each already holds the KV slot
         of its last token (alloc_decode_slots); drafted ones get slots for the draft too,
         or lose the draft when the pool cannot give them."""
-        sched = self.sched
         starts = [r.kv_len - 1 for r in reqs]
         for req in reqs:
-            if req.draft_len and not sched.kv.extend(req, req.draft_len):
+            if req.draft_len and not self.kv.extend(req, req.draft_len):
                 drop_draft(req)
-        batch = batching.extend_batch(reqs, starts, sched.runner.req_to_token_pool, sched.device)
-        out = sched.forward(batch)
+        batch = batching.extend_batch(reqs, starts, self.kv.pool, self.device)
+        out = self.host.forward(batch)
         plain = [i for i, r in enumerate(reqs) if not r.draft_len]
         drafted = [i for i, r in enumerate(reqs) if r.draft_len]
-        sched.sample_and_advance([reqs[i] for i in plain], out.next_logits[plain])
+        self.host.sample_and_advance([reqs[i] for i in plain], out.next_logits[plain])
         for i in drafted:
             try:
                 self.verify(reqs[i], out.prompt_logits[i])
             except Exception as exc:  # noqa: BLE001 - one request's fault (faults.py)
-                sched.fail(reqs[i], exc)
+                self.host.fail(reqs[i], exc)
 
     def _sample(self, req: Req, logits: torch.Tensor) -> int:
         """req's next token from one row of logits (its logprobs recorded); the caller
         advances req itself."""
-        step = self.sched.sampler.queue([req], logits)
+        step = self.sampler.queue([req], logits)
         req.pending -= 1
         return step.read()[0]
 
@@ -106,11 +138,10 @@ class JumpForward:
         tokens appended and checked, KV held for all but the last."""
         draft = req.output_ids[-req.draft_len :]
         drop_draft(req)
-        sched = self.sched
         accepted = 0
         for j in range(len(draft) + 1):
             token = self._sample(req, logits[j : j + 1])
-            sched.advance(req, token)
+            self.host.advance(req, token)
             if j == len(draft) or token != draft[j]:
                 break  # a bonus token after a confirmed draft, or the model's own choice
             accepted += 1
@@ -118,5 +149,5 @@ class JumpForward:
                 break
         self.drafted_tokens += len(draft)
         self.accepted_tokens += accepted
-        sched.kv.truncate(req, req.seqlen - 1)
-        sched.settle(req)
+        self.kv.truncate(req, req.seqlen - 1)
+        self.host.settle(req)

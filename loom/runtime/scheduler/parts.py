@@ -1,5 +1,5 @@
 """The scheduler's parts that ServerArgs and the model decide: stop ids, prefix cache,
-grammar backend, step sampler, prefill chunk size; and the counters it keeps."""
+grammar backend, step sampler, prefill chunk size and limits; and the counters it keeps."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import torch
 from loom.radix.base import PrefixCache
 from loom.runtime.args import ServerArgs
 from loom.runtime.executor.model_runner import ModelRunner
+from loom.runtime.scheduler.admission import PrefillLimits
 
 
 def eos_token_ids(config, tokenizer, folder: str) -> set[int]:
@@ -90,3 +91,12 @@ def chunk_size(args: ServerArgs, device: torch.device) -> int | None:
     if size is None:
         size = 8192 if device.type == "cuda" else 2048
     return None if size <= 0 else size
+
+
+def prefill_limits(args: ServerArgs, runner: ModelRunner) -> PrefillLimits:
+    return PrefillLimits(
+        max_prefill_tokens=args.max_prefill_tokens,
+        chunk_size=chunk_size(args, runner.device),
+        max_len=min(runner.context_len, runner.max_total_tokens),
+        max_running_requests=runner.max_running_requests,
+    )

@@ -29,12 +29,10 @@ from loom.runtime.executor.host_copy import take_rows
 from loom.runtime.executor.model_runner import ModelRunner
 from loom.runtime.forward import ForwardBatch, LogitsOutput
 from loom.runtime.sampling.logprobs import gather_prompt_logprobs
+from loom.runtime.scheduler import admission, parts
 from loom.runtime.scheduler import batch as batching
-from loom.runtime.scheduler import parts
-from loom.runtime.scheduler.admission import PrefillAdder, admissibility_problem
 from loom.runtime.scheduler.faults import RowFaults, fault_reason
 from loom.runtime.scheduler.finish import FinishChecker
-from loom.runtime.scheduler.grammar_wait import GrammarWait
 from loom.runtime.scheduler.info import server_info
 from loom.runtime.scheduler.jump_forward import JumpForward, drop_draft
 from loom.runtime.scheduler.kv_ops import KVOps
@@ -42,6 +40,7 @@ from loom.runtime.scheduler.output import take_output
 from loom.runtime.scheduler.policy import SchedulePolicy
 from loom.runtime.scheduler.request import FinishReason, Req
 from loom.runtime.scheduler.sampling import ForwardedStep, SampledStep
+from loom.runtime.scheduler.waiting import WaitingQueue
 
 logger = logging.getLogger(__name__)
 NO_TOKEN_FITS = (
@@ -58,30 +57,29 @@ class Scheduler:
         self.tokenizer = AutoTokenizer.from_pretrained(args.tokenizer_path or model_folder)
         self.eos_ids = parts.eos_token_ids(self.runner.config, self.tokenizer, model_folder)
         self.kv = KVOps(self.runner, parts.make_cache(args, self.runner))
-        self.policy = SchedulePolicy(args.schedule_policy, self.kv.cache, self.kv.match)
         self.finish = FinishChecker(self.tokenizer, self.eos_ids, self.runner.context_len)
         self.grammar = parts.make_grammar_backend(
             args, self.tokenizer, self.runner.vocab_size, self.eos_ids
         )
-        self.chunk_size = parts.chunk_size(args, self.device)
-        self.jump = JumpForward(self) if args.enable_jump_forward else None
+        self.prefill_limits = parts.prefill_limits(args, self.runner)
         self.sampler = parts.step_sampler(self.runner, self.grammar, self.tokenizer, self.eos_ids)
+        self.jump = None
+        if args.enable_jump_forward:
+            ctx = self.runner.context_len
+            self.jump = JumpForward(self.tokenizer, ctx, self.kv, self.sampler, self.device, self)
         self.overlap = not args.disable_overlap_schedule
         self.inflight: SampledStep | None = None  # queued, its tokens not yet processed
         self.launched: ForwardedStep | None = None  # a decode step launched early
         self.early_decode = True  # _early_decode (benchmarks turn it off for an A/B)
         self.rng = random.Random(args.random_seed)
 
-        self.waiting: list[Req] = []
+        policy = SchedulePolicy(args.schedule_policy, self.kv.cache, self.kv.match)
+        self.waiting = WaitingQueue(policy, args.grammar_compile_timeout)
         self.running: list[Req] = []
-        self.grammar_wait = GrammarWait(args.grammar_compile_timeout)
         self.chunked: Req | None = None  # mid-prefill: gets its next chunk before others
         self.outbox: list[m.ReqOutput] = []
         self.last_was_extend = False
-        # Share of running requests' remaining max_new_tokens reserved in admission:
-        # decays while decoding goes well, jumps back up after a retraction.
-        self.init_token_ratio = min(0.7 * args.schedule_conservativeness, 1.0)
-        self.new_token_ratio = self.init_token_ratio
+        self.token_ratio = admission.NewTokenRatio(args.schedule_conservativeness)
         self.stats = dict.fromkeys(parts.STATS, 0)
 
     # ---- requests in -------------------------------------------------------------------
@@ -95,21 +93,17 @@ class Scheduler:
             self.fail(req, exc)
 
     def _enqueue(self, req: Req, msg: m.GenerateRequest) -> None:
-        problem = admissibility_problem(req, self.runner, self.grammar is not None)
+        problem = admission.admissibility_problem(req, self.runner, self.grammar is not None)
         if problem:
             self._finish(req, FinishReason("abort", None, problem))
             return
-        constraint = msg.sampling.constraint
-        if constraint is None:
-            self.waiting.append(req)
-            return
-        lenient = msg.sampling.json_schema_lenient
-        self.grammar_wait.add(req, self.grammar.get_matcher(*constraint, lenient))
+        constraint, lenient = msg.sampling.constraint, msg.sampling.json_schema_lenient
+        matcher = None if constraint is None else self.grammar.get_matcher(*constraint, lenient)
+        self.waiting.add(req, matcher)
 
     def abort(self, rid: str) -> None:
-        for req in [r for r in self.waiting if r.rid == rid] + self.grammar_wait.remove(rid):
+        for req in self.waiting.remove(rid):
             self._finish(req, FinishReason("abort", None, "aborted by the client"))
-        self.waiting = [r for r in self.waiting if r.rid != rid]
         for req in self.running + ([self.chunked] if self.chunked else []):
             if req.rid == rid and not req.finished:
                 self._finish(req, FinishReason("abort", None, "aborted by the client"))
@@ -126,10 +120,12 @@ class Scheduler:
         return m.FlushCacheResult(True)
 
     def server_info(self) -> m.ServerInfo:
-        return server_info(self)
+        running = len(self.running) + (1 if self.chunked else 0)
+        waiting = len(self.waiting) + len(self.waiting.compiling)
+        return server_info(self.runner, self.kv, self.stats, self.jump, running, waiting)
 
     def has_work(self) -> bool:
-        queued = self.waiting or self.chunked or self.grammar_wait
+        queued = self.waiting or self.chunked or self.waiting.compiling
         return bool(queued or self.running or self.inflight or self.launched)
 
     def take_outputs(self) -> list[m.ReqOutput]:
@@ -172,7 +168,7 @@ class Scheduler:
         reqs, slots = self._decoders_with_slots()
         if not reqs:
             return None
-        self._decay_token_ratio()
+        self.token_ratio.decay()
         self.last_was_extend = False
         self.stats["early_decode_steps"] += 1
         return reqs, batching.decode_batch(reqs, slots, self.device, None)
@@ -195,26 +191,32 @@ class Scheduler:
         return self._run_decode_step() if self.running else None
 
     def _poll_grammars(self) -> None:
-        ready, failed = self.grammar_wait.poll()
-        self.waiting.extend(ready)
-        for req, why in failed:
+        for req, why in self.waiting.poll_grammars():
             self._finish(req, FinishReason("abort", None, why))
 
-    def _run_extend_step(self) -> tuple[bool, ForwardedStep | None]:
-        adder = PrefillAdder(self, self.chunk_size)
+    def _plan_prefill(self) -> admission.PrefillPlan:
+        """The next extend batch (admission.py): the chunked request's next chunk first,
+        then waiting requests in policy order. The admitted leave `waiting`."""
+        adder = admission.PrefillAdder(self.prefill_limits, self.kv, self.running, self.token_ratio)
         chunked, self.chunked = self.chunked, None
-        if chunked is not None:
-            adder.continue_chunk(chunked)
+        if chunked is not None and not adder.continue_chunk(chunked):
+            self.retract(chunked)
         if not adder.full and self.waiting:
-            adder.add_from(self.policy.order(self.waiting), self.policy.aged)
-        if not adder.reqs:
+            adder.add_from(self.waiting.in_admission_order(), self.waiting.aged)
+        plan = adder.plan()
+        self.stats["cache_hit_tokens"] += plan.cache_hit_tokens
+        self.stats["prompt_tokens"] += plan.prompt_tokens
+        self.waiting.take(plan.reqs)
+        return plan
+
+    def _run_extend_step(self) -> tuple[bool, ForwardedStep | None]:
+        plan = self._plan_prefill()
+        if not plan.reqs:
             return False, None
-        admitted = {id(r) for r in adder.reqs}
-        self.waiting = [r for r in self.waiting if id(r) not in admitted]
         riders = self._decode_riders()
         batch = batching.extend_batch(
-            adder.reqs + riders,
-            adder.starts + [r.kv_len - 1 for r in riders],
+            plan.reqs + riders,
+            plan.starts + [r.kv_len - 1 for r in riders],
             self.runner.req_to_token_pool,
             self.device,
             self.sampler.last_tokens,
@@ -224,20 +226,20 @@ class Scheduler:
         # A mixed step decoded the running requests too: no decode step is owed next.
         self.last_was_extend = not riders
         self.stats["mixed_steps"] += bool(riders)
-        gather_prompt_logprobs(adder.reqs, adder.starts, out)
-        done = [r for r in adder.reqs if r.kv_len == r.seqlen]
-        self.chunked = next((r for r in adder.reqs if r.kv_len < r.seqlen), None)
-        for req in adder.reqs:  # siblings arriving from now on share these prompts at once
+        gather_prompt_logprobs(plan.reqs, plan.starts, out)
+        done = [r for r in plan.reqs if r.kv_len == r.seqlen]
+        self.chunked = plan.chunked
+        for req in plan.reqs:  # siblings arriving from now on share these prompts at once
             self.kv.cache_unfinished(req)
         # max_new_tokens == 0 asks only for the prompt's logprobs: nothing is sampled.
         for req in done:
             if req.sampling.max_new_tokens == 0:
                 self._finish(req, FinishReason("length", None))
                 self.kv.release(req, finished=True)
-        rows = [i for i, r in enumerate(adder.reqs) if r.kv_len == r.seqlen and not r.finished]
-        done = [adder.reqs[i] for i in rows]
+        rows = [i for i, r in enumerate(plan.reqs) if r.kv_len == r.seqlen and not r.finished]
+        done = [plan.reqs[i] for i in rows]
         self.running.extend(done)
-        rows += range(len(adder.reqs), len(adder.reqs) + len(riders))
+        rows += range(len(plan.reqs), len(plan.reqs) + len(riders))
         sampled = done + riders
         if not sampled:
             return True, None
@@ -260,7 +262,7 @@ class Scheduler:
         reqs, slots = self._decoders_with_slots()
         if not reqs:
             return None
-        self._decay_token_ratio()
+        self.token_ratio.decay()
         if self.jump is not None and any(r.draft_len for r in reqs):
             self.jump.run_decode_step(reqs)  # drafts exist only with nothing in flight
             self.running = [r for r in self.running if not r.finished]
@@ -275,9 +277,6 @@ class Scheduler:
         reqs = [r for r in self.running if not self.finish.out_of_room(r)]
         slots = self.kv.alloc_decode_slots(reqs, self.retract)
         return reqs, slots
-
-    def _decay_token_ratio(self) -> None:
-        self.new_token_ratio = max(self.new_token_ratio - 0.001, 0.1 * self.init_token_ratio)
 
     def _needs_host_state(self, reqs: list[Req]) -> bool:
         """Whether the next forward needs the queued step's tokens on the host first:
@@ -310,8 +309,8 @@ class Scheduler:
             req.input_top_logprobs.clear()
         req.retractions += 1
         self.stats["retractions"] += 1
-        self.new_token_ratio = self.init_token_ratio
-        self.waiting.insert(0, req)
+        self.token_ratio.reset()
+        self.waiting.requeue(req)
         logger.info("retracted %s (%d tokens generated) to free KV", req.rid, len(req.output_ids))
 
     # ---- tokens out --------------------------------------------------------------------
