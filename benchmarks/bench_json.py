@@ -236,14 +236,15 @@ def main() -> None:
     p.add_argument(
         "--gil-switch-ms",
         type=float,
-        default=sampling.GIL_SWITCH_INTERVAL_S * 1e3,
-        help="the GIL switch interval, as the scheduler process sets it (Python's default: 5)",
+        default=5.0,
+        help="the GIL switch interval (Python's default: 5 ms); an experiment: a submitted "
+        "mask fill needs the GIL a moment to start while the scheduler thread runs Python",
     )
     p.add_argument(
-        "--no-early-decode",
+        "--early-decode",
         action="store_true",
-        help="build each decode step after the step before is sampled, not while its masks "
-        "fill (the A/B of Scheduler._early_decode)",
+        help="build each decode step while the step before fills its masks "
+        "(Scheduler._early_decode, off by default: see benchmarks/RESULTS.md)",
     )
     p.add_argument(
         "--profile", action="store_true", help="print the scheduler thread's profile of each run"
@@ -279,7 +280,7 @@ def run_backend(args, folder: str, backend: str, cases: list, table: Table) -> N
             tokenizer, scheds[False].grammar, stop, args.bench_schemas, args.max_new_tokens
         )
     for sched in scheds.values():
-        sched.early_decode = not args.no_early_decode
+        sched.early_decode = args.early_decode
         if args.mask_start == "late":  # the step after is never handed to _process
             process = sched._process
             sched._process = lambda step, following=None, process=process: process(step)

@@ -65,12 +65,6 @@ class SampledStep:
 
 JSON_KINDS = ("json_schema", "json_object")
 
-# The scheduler process's GIL switch interval (Python's default: 5 ms). A step's mask fill
-# is submitted to its own thread, which needs the GIL for a moment to enter the library's
-# fill (which then runs without it); while the scheduler thread goes on in pure Python
-# (the step's bookkeeping), that thread would wait up to the whole interval to start.
-GIL_SWITCH_INTERVAL_S = 2e-4
-
 
 class StepSampler:
     def __init__(

@@ -70,7 +70,7 @@ class Scheduler:
         self.overlap = not args.disable_overlap_schedule
         self.inflight: SampledStep | None = None  # queued, its tokens not yet processed
         self.launched: ForwardedStep | None = None  # a decode step launched early
-        self.early_decode = True  # _early_decode (benchmarks turn it off for an A/B)
+        self.early_decode = False  # _early_decode: an experiment, off (RESULTS.md)
         self.rng = random.Random(args.random_seed)
 
         policy = SchedulePolicy(args.schedule_policy, self.kv.cache, self.kv.match)
