@@ -74,10 +74,7 @@ def _loop(sched, receiver, sender, heartbeat: Heartbeat) -> None:
     while True:
         heartbeat.beat()
         if sched.has_work():
-            busy = (
-                sched.running or sched.waiting or sched.chunked or sched.inflight or sched.launched
-            )
-            timeout = 0 if busy else _IDLE_POLL_MS
+            timeout = 0 if sched.can_step() else _IDLE_POLL_MS
         else:
             timeout = heartbeat.idle_ms  # idle: sleep until a message comes, waking to beat
         events = dict(poller.poll(timeout))

@@ -125,8 +125,10 @@ class Scheduler:
         return server_info(self.runner, self.kv, self.stats, self.jump, running, waiting)
 
     def has_work(self) -> bool:
-        queued = self.waiting or self.chunked or self.waiting.compiling
-        return bool(queued or self.running or self.inflight or self.launched)
+        return self.can_step() or bool(self.waiting.compiling)
+
+    def can_step(self) -> bool:  # work a step can do now, not only grammars compiling
+        return bool(self.waiting or self.chunked or self.running or self.inflight or self.launched)
 
     def take_outputs(self) -> list[m.ReqOutput]:
         out, self.outbox = self.outbox, []
@@ -135,8 +137,7 @@ class Scheduler:
     # ---- one step ----------------------------------------------------------------------
 
     def step(self) -> None:
-        """Queue the next step; process the previous one's tokens while it runs (overlap)
-        or this one's (no overlap)."""
+        """Queue the next step; process the previous one's (overlap) or this one's tokens."""
         self._poll_grammars()
         forwarded, self.launched = self.launched or self._queue_step(), None
         self.drain(forwarded)
