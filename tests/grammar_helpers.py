@@ -60,6 +60,43 @@ def model_vocab_size(tokenizer: PreTrainedTokenizerFast) -> int:
     return len(tokenizer) + PAD_TOKENS
 
 
+# A flat object every value of which is short, so even a random-weight model completes it.
+BOUNDED = {
+    "type": "object",
+    "properties": {
+        "name": {"enum": ["John", "Alice", "Bob"]},
+        "age": {"type": "integer", "minimum": 0, "maximum": 99},
+        "admin": {"type": "boolean"},
+        "city": {"type": "string", "maxLength": 6},
+    },
+    "required": ["name", "age", "admin", "city"],
+}
+
+
+def build_bpe_llama(
+    folder, hidden: int = 64, heads: int = 4, context: int = 512
+) -> PreTrainedTokenizerFast:
+    """A random-weight 2-layer Llama over make_tokenizer() saved in `folder` (grammars
+    need real tokens); returns the tokenizer."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    tok = make_tokenizer()
+    config = LlamaConfig(
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=2,
+        num_attention_heads=heads,
+        num_key_value_heads=2,
+        vocab_size=model_vocab_size(tok),
+        max_position_embeddings=context,
+        eos_token_id=tok.eos_token_id,
+    )
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return tok
+
+
 @functools.cache
 def _structure_bias(tokenizer: PreTrainedTokenizerFast, vocab: int) -> torch.Tensor:
     """Extra logit for tokens that close JSON values, so random walks end in a few dozen

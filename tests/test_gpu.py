@@ -15,6 +15,7 @@ from loom.runtime.messages import GenerateRequest
 from loom.runtime.sampling.params import SamplingParams
 from loom.runtime.scheduler import batch as batching
 from loom.runtime.scheduler.request import Req
+from tests.grammar_helpers import BOUNDED, build_bpe_llama
 from tests.test_models import make_scheduler, random_prompts, run_scheduler
 from tests.tiny_models import VOCAB, word_tokenizer
 
@@ -194,41 +195,11 @@ def test_overlap_scheduling_gives_the_same_greedy_tokens(gpu_model, monkeypatch)
         assert outs[False][rid][0] == outs[True][rid][0], rid
 
 
-BOUNDED = {  # every value is short, so even a random model completes it
-    "type": "object",
-    "properties": {
-        "name": {"enum": ["John", "Alice", "Bob"]},
-        "age": {"type": "integer", "minimum": 0, "maximum": 99},
-        "admin": {"type": "boolean"},
-        "city": {"type": "string", "maxLength": 6},
-    },
-    "required": ["name", "age", "admin", "city"],
-}
-
-
 @pytest.fixture(scope="module")
 def gpu_bpe_model(tmp_path_factory):
     """A small Llama over a real byte-level BPE tokenizer (grammars need real tokens)."""
-    from transformers import AutoModelForCausalLM, LlamaConfig
-
-    from tests.grammar_helpers import make_tokenizer, model_vocab_size
-
-    tok = make_tokenizer()
     folder = str(tmp_path_factory.mktemp("gpu-bpe-llama"))
-    config = LlamaConfig(
-        hidden_size=512,
-        intermediate_size=1024,
-        num_hidden_layers=2,
-        num_attention_heads=8,
-        num_key_value_heads=2,
-        vocab_size=model_vocab_size(tok),
-        max_position_embeddings=1024,
-        eos_token_id=tok.eos_token_id,
-    )
-    torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
-    tok.save_pretrained(folder)
-    return folder, tok
+    return folder, build_bpe_llama(folder, hidden=512, heads=8, context=1024)
 
 
 def test_json_schema_on_the_gpu_path_validates(gpu_bpe_model):

@@ -150,17 +150,6 @@ def test_mixed_prefill_and_decode_steps_change_no_output(tiny_model_factory):
     _same(runs[True], runs[False])
 
 
-SHORT_OBJECT = {  # every value is short, so even a random model completes it
-    "type": "object",
-    "properties": {
-        "name": {"enum": ["John", "Alice", "Bob"]},
-        "age": {"type": "integer", "minimum": 0, "maximum": 99},
-        "admin": {"type": "boolean"},
-    },
-    "required": ["name", "age", "admin"],
-}
-
-
 def test_decode_steps_built_while_masks_fill_change_no_output(tmp_path):
     """Scheduler._early_decode: a decode step's host part is built while the step before
     it fills its grammar masks, and launched once that step is sampled. Outputs (seeded
@@ -169,24 +158,10 @@ def test_decode_steps_built_while_masks_fill_change_no_output(tmp_path):
     import json
 
     import jsonschema
-    from transformers import AutoModelForCausalLM, LlamaConfig
 
-    from tests.grammar_helpers import make_tokenizer, model_vocab_size
+    from tests.grammar_helpers import BOUNDED, build_bpe_llama
 
-    tok = make_tokenizer()
-    config = LlamaConfig(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=model_vocab_size(tok),
-        max_position_embeddings=512,
-        eos_token_id=tok.eos_token_id,
-    )
-    torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path)
-    tok.save_pretrained(tmp_path)
+    tok = build_bpe_llama(tmp_path)
     reqs = [
         GenerateRequest(
             f"r{i}",
@@ -195,7 +170,7 @@ def test_decode_steps_built_while_masks_fill_change_no_output(tmp_path):
                 max_new_tokens=12 if i % 4 == 0 else 200,
                 temperature=0.8,
                 seed=i,
-                json_schema=json.dumps(SHORT_OBJECT),
+                json_schema=json.dumps(BOUNDED),
             ),
         )
         for i in range(10)
@@ -211,4 +186,4 @@ def test_decode_steps_built_while_masks_fill_change_no_output(tmp_path):
     _same(outs[True], outs[False])
     for ids, reason, _ in outs[True].values():
         if reason["type"] == "stop":
-            jsonschema.validate(json.loads(tok.decode(ids, skip_special_tokens=True)), SHORT_OBJECT)
+            jsonschema.validate(json.loads(tok.decode(ids, skip_special_tokens=True)), BOUNDED)
