@@ -164,7 +164,7 @@ class Scheduler:
             return None
         if self.waiting or self.chunked or self.jump is not None or not self.running:
             return None
-        if self.kv.budget() < len(self.running):
+        if self._needs_host_state(self.running):  # retraction may be due
             return None
         reqs, slots = self._decoders_with_slots()
         if not reqs:
