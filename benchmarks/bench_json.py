@@ -49,6 +49,7 @@ from loom.runtime.args import ServerArgs
 from loom.runtime.models.model_source import resolve_model_path
 from loom.runtime.sampling.params import SamplingParams
 from loom.runtime.scheduler import sampling
+from loom.runtime.scheduler.parts import GIL_SWITCH_INTERVAL_S
 from loom.runtime.scheduler.scheduler import Scheduler
 
 # Two short requests on CPU. The tokenizer must spell JSON: the default model's does, a tiny
@@ -234,17 +235,25 @@ def main() -> None:
         "(an A/B of that overlap)",
     )
     p.add_argument(
+        "--repeats",
+        type=int,
+        default=1,
+        help="run json and plain this many times each, alternately; each row is the run of "
+        "median time (runs on one machine vary by tens of percent at high concurrency)",
+    )
+    p.add_argument(
         "--gil-switch-ms",
         type=float,
-        default=5.0,
-        help="the GIL switch interval (Python's default: 5 ms); an experiment: a submitted "
-        "mask fill needs the GIL a moment to start while the scheduler thread runs Python",
+        default=1000 * GIL_SWITCH_INTERVAL_S,
+        help="the GIL switch interval (default: the scheduler process's, parts.py; "
+        "Python's own is 5 ms)",
     )
     p.add_argument(
         "--early-decode",
-        action="store_true",
+        action=argparse.BooleanOptionalAction,
+        default=True,
         help="build each decode step while the step before fills its masks "
-        "(Scheduler._early_decode, off by default: see benchmarks/RESULTS.md)",
+        "(Scheduler._early_decode, loom's default; --no-early-decode for the A/B)",
     )
     p.add_argument(
         "--profile", action="store_true", help="print the scheduler thread's profile of each run"
@@ -302,25 +311,32 @@ def run_concurrency(args, scheds, cases, backend: str, walk: str, conc: int) -> 
     n = args.num_requests or conc
     walks = replayed(scheds[False], cases, n) if walk == "replay" else None
     max_new = args.max_new_tokens
-    json_off = profiled(
-        args.profile,
-        f"{backend}, {walk}, concurrency {conc}: the scheduler thread, json run",
-        lambda: run_once(
-            scheds[False], "json", make_requests(tokenizer, cases, n, max_new), conc, walks
-        ),
-    )
-    lengths = [len(o) for o in json_off.outputs]
-    plain = profiled(
-        args.profile,
-        f"{backend}, {walk}, concurrency {conc}: the scheduler thread, plain run",
-        lambda: run_once(
-            scheds[False],
-            "plain, same lengths",
-            make_requests(tokenizer, cases, n, 0, lengths),
-            conc,
-            walks,
-        ),
-    )
+    json_runs, plain_runs = [], []
+    for _ in range(args.repeats):  # alternately, so drift on the machine hits both alike
+        json_runs.append(
+            profiled(
+                args.profile,
+                f"{backend}, {walk}, concurrency {conc}: the scheduler thread, json run",
+                lambda: run_once(
+                    scheds[False], "json", make_requests(tokenizer, cases, n, max_new), conc, walks
+                ),
+            )
+        )
+        lengths = [len(o) for o in json_runs[0].outputs]
+        plain_runs.append(
+            profiled(
+                args.profile,
+                f"{backend}, {walk}, concurrency {conc}: the scheduler thread, plain run",
+                lambda: run_once(
+                    scheds[False],
+                    "plain, same lengths",
+                    make_requests(tokenizer, cases, n, 0, lengths),
+                    conc,
+                    walks,
+                ),
+            )
+        )
+    json_off, plain = median_run(json_runs), median_run(plain_runs)
     runs = [plain, json_off]
     if args.jump_forward:
         json_on = run_once(
@@ -335,6 +351,11 @@ def run_concurrency(args, scheds, cases, backend: str, walk: str, conc: int) -> 
     for run in runs:
         run.walk = walk
     return runs
+
+
+def median_run(runs: list[Run]) -> Run:
+    """The run of median time (the lower middle one of an even count)."""
+    return sorted(runs, key=lambda r: r.seconds)[(len(runs) - 1) // 2]
 
 
 def profiled(enabled: bool, title: str, run):

@@ -12,6 +12,7 @@ stopped process) goes quiet."""
 from __future__ import annotations
 
 import logging
+import sys
 import traceback
 
 from loom.runtime import messages as m
@@ -35,9 +36,11 @@ def run_scheduler_process(
     import zmq
 
     from loom.runtime.process_util import configure_process
+    from loom.runtime.scheduler.parts import GIL_SWITCH_INTERVAL_S
     from loom.runtime.scheduler.scheduler import Scheduler
 
     configure_process("scheduler", args.log_level, args.log_format)
+    sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)  # why: parts.py
     ctx = zmq.Context(1)
     receiver = ctx.socket(zmq.PULL)
     receiver.bind(in_addr)

@@ -70,7 +70,7 @@ class Scheduler:
         self.overlap = not args.disable_overlap_schedule
         self.inflight: SampledStep | None = None  # queued, its tokens not yet processed
         self.launched: ForwardedStep | None = None  # a decode step launched early
-        self.early_decode = False  # _early_decode: an experiment, off (RESULTS.md)
+        self.early_decode = True  # _early_decode (measured: benchmarks/RESULTS.md)
         self.rng = random.Random(args.random_seed)
 
         policy = SchedulePolicy(args.schedule_policy, self.kv.cache, self.kv.match)
@@ -211,6 +211,8 @@ class Scheduler:
         return plan
 
     def _run_extend_step(self) -> tuple[bool, ForwardedStep | None]:
+        if not self.waiting and self.chunked is None:
+            return False, None  # nothing to prefill: skip planning over every running request
         plan = self._plan_prefill()
         if not plan.reqs:
             return False, None
