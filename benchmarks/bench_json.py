@@ -311,31 +311,20 @@ def run_concurrency(args, scheds, cases, backend: str, walk: str, conc: int) -> 
     n = args.num_requests or conc
     walks = replayed(scheds[False], cases, n) if walk == "replay" else None
     max_new = args.max_new_tokens
+    sched, title = scheds[False], f"{backend}, {walk}, concurrency {conc}: the scheduler thread"
+
+    def json_run() -> Run:
+        reqs = make_requests(tokenizer, cases, n, max_new)
+        return run_once(sched, "json", reqs, conc, walks)
+
+    def plain_run() -> Run:  # the same work unconstrained: the first json run's lengths
+        reqs = make_requests(tokenizer, cases, n, 0, [len(o) for o in json_runs[0].outputs])
+        return run_once(sched, "plain, same lengths", reqs, conc, walks)
+
     json_runs, plain_runs = [], []
     for _ in range(args.repeats):  # alternately, so drift on the machine hits both alike
-        json_runs.append(
-            profiled(
-                args.profile,
-                f"{backend}, {walk}, concurrency {conc}: the scheduler thread, json run",
-                lambda: run_once(
-                    scheds[False], "json", make_requests(tokenizer, cases, n, max_new), conc, walks
-                ),
-            )
-        )
-        lengths = [len(o) for o in json_runs[0].outputs]
-        plain_runs.append(
-            profiled(
-                args.profile,
-                f"{backend}, {walk}, concurrency {conc}: the scheduler thread, plain run",
-                lambda: run_once(
-                    scheds[False],
-                    "plain, same lengths",
-                    make_requests(tokenizer, cases, n, 0, lengths),
-                    conc,
-                    walks,
-                ),
-            )
-        )
+        json_runs.append(profiled(args.profile, f"{title}, json run", json_run))
+        plain_runs.append(profiled(args.profile, f"{title}, plain run", plain_run))
     json_off, plain = median_run(json_runs), median_run(plain_runs)
     runs = [plain, json_off]
     if args.jump_forward:

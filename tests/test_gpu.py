@@ -160,9 +160,9 @@ def test_small_batch_decode_matches_transformers_and_the_unfused_layers(gpu_mode
     prompts = [torch.randint(2, VOCAB - 2, (int(n),), generator=g).tolist() for n in lengths]
     decode = _prefill_then_decode(_runner(gpu_model, "flashinfer"), prompts)[1]
     assert calls, "the decode step did not take the small-batch kernels"
-    monkeypatch.setattr(small_batch, "_DISABLED", True)
     calls.clear()
-    unfused = _prefill_then_decode(_runner(gpu_model, "flashinfer"), prompts)[1]
+    unfused_runner = _runner(gpu_model, "flashinfer", disable_small_batch_kernels=True)
+    unfused = _prefill_then_decode(unfused_runner, prompts)[1]
     assert not calls
     torch.testing.assert_close(decode, unfused, atol=5e-2, rtol=2e-2)
 
@@ -174,18 +174,21 @@ def test_small_batch_decode_matches_transformers_and_the_unfused_layers(gpu_mode
     torch.testing.assert_close(decode, ref, atol=6e-2, rtol=3e-2)
 
 
-def test_overlap_scheduling_gives_the_same_greedy_tokens(gpu_model, monkeypatch):
+def test_overlap_scheduling_gives_the_same_greedy_tokens(gpu_model):
     # Batch sizes differ between the two modes by design (under overlap a finished request
     # decodes one discarded step more), and the small-batch kernels round differently from
     # cuBLAS: a step whose size crosses DECODE_ROWS in one mode only may flip a bf16 tie.
     # This test is about scheduling, so both modes run cuBLAS at every size.
-    monkeypatch.setattr(small_batch, "_DISABLED", True)
     prompts = random_prompts(24, seed=5, hi=300)
     outs, deferred = {}, {}
     for disable in (True, False):
         # Mixed steps off: they move tokens between kernels, and bf16 ties then flip.
         sched = make_scheduler(
-            gpu_model, device="cuda", disable_overlap_schedule=disable, enable_mixed_chunk=False
+            gpu_model,
+            device="cuda",
+            disable_overlap_schedule=disable,
+            enable_mixed_chunk=False,
+            disable_small_batch_kernels=True,
         )
         params = dict(temperature=0, ignore_eos=False, max_new_tokens=40)
         outs[disable] = run_scheduler(sched, prompts, params, arrive_every=1)

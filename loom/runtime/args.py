@@ -70,6 +70,15 @@ class ServerArgs:
     disable_cuda_graph: bool = _arg(False, "run decode eagerly")
     cuda_graph_max_bs: int = _arg(1024, "largest decode batch captured in a CUDA graph")
     disable_overlap_schedule: bool = _arg(False, "prepare batch N+1 only after batch N")
+    disable_fused_kernels: bool = _arg(
+        False, "run the reference torch layers on CUDA too (no fused norm / rotary / SiLU)"
+    )
+    disable_small_batch_kernels: bool = _arg(
+        False, "decode small batches with cuBLAS instead of loom's Triton matrix-vector kernels"
+    )
+    disable_pdl: bool = _arg(
+        False, "launch the small-batch kernels without programmatic dependent launch (Hopper)"
+    )
 
     # Constrained decoding
     grammar_backend: str = _arg(

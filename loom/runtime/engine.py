@@ -28,7 +28,7 @@ from loom.runtime import messages as m
 from loom.runtime.args import ServerArgs
 from loom.runtime.launch import read_ready, spawn_child
 from loom.runtime.tokenizer.inputs import GenerateInput, InputLimits
-from loom.runtime.tokenizer.manager import TokenizerManager
+from loom.runtime.tokenizer.manager import TokenizerManager, first_result
 from loom.runtime.watchdog import Heartbeat, Watchdog
 
 logger = logging.getLogger(__name__)
@@ -229,7 +229,7 @@ class Engine:
         prepared = self.manager.prepare(obj)  # raise input errors in the caller's thread
         if stream:
             return self._stream(obj, prepared)
-        return self._call(_first(self.manager.generate(obj, prepared)))
+        return self._call(first_result(self.manager.generate(obj, prepared)))
 
     def _stream(self, obj: GenerateInput, prepared) -> Iterator[dict]:
         agen = self.manager.generate(obj, prepared)
@@ -250,7 +250,7 @@ class Engine:
         prepared = self.manager.prepare(obj)
         if obj.stream:
             return self._astream(obj, prepared)
-        return await self._await(_first(self.manager.generate(obj, prepared)))
+        return await self._await(first_result(self.manager.generate(obj, prepared)))
 
     async def _astream(self, obj: GenerateInput, prepared) -> AsyncIterator[dict]:
         agen = self.manager.generate(obj, prepared)
@@ -336,15 +336,6 @@ async def _anext(agen):
     cleanup (an async generator is finalized by the loop of the thread that first
     iterated it)."""
     return await agen.__anext__()
-
-
-async def _first(agen):
-    try:
-        async for item in agen:
-            return item
-    finally:
-        await agen.aclose()
-    raise RuntimeError("generate produced no result")
 
 
 def _read_template(path: str | None) -> str | None:

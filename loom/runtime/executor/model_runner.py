@@ -11,6 +11,7 @@ from transformers import AutoConfig
 from loom.runtime.args import ServerArgs
 from loom.runtime.executor.host_copy import to_device
 from loom.runtime.forward import ForwardBatch, ForwardMode, LogitsOutput
+from loom.runtime.layers import switches
 from loom.runtime.layers.attention.base import Attention, AttentionBackend
 from loom.runtime.layers.rotary import RotaryEmbedding
 from loom.runtime.memory.allocator import KVAllocator
@@ -34,6 +35,11 @@ def resolve_device(name: str) -> torch.device:
 class ModelRunner:
     def __init__(self, args: ServerArgs, model_folder: str):
         self.args = args
+        switches.configure(
+            fused=not args.disable_fused_kernels,
+            small_batch=not args.disable_small_batch_kernels,
+            pdl=not args.disable_pdl,
+        )
         self.device = resolve_device(args.device)
         self.config = AutoConfig.from_pretrained(model_folder)
         self.dtype = self._pick_dtype()

@@ -28,7 +28,7 @@ from loom.runtime.http.request_log import RequestRecord
 from loom.runtime.logs import current_request
 from loom.runtime.messages import ServerInfo
 from loom.runtime.tokenizer.inputs import GenerateInput, Item, expand
-from loom.runtime.tokenizer.manager import TokenizerManager
+from loom.runtime.tokenizer.manager import TokenizerManager, first_result
 
 T = TypeVar("T")
 
@@ -199,7 +199,7 @@ class Frontend:
 
     async def result(self, prepared: Prepared, request: Request) -> dict | list[dict]:
         """A non-stream request's answer; aborted at once if the client disconnects."""
-        return await until_disconnect(request, _first(self.chunks(prepared)))
+        return await until_disconnect(request, first_result(self.chunks(prepared)))
 
     def _on_output(self, meta: dict, streamed: bool) -> None:
         """Count a completion that finished, for /metrics and the request's log line."""
@@ -233,15 +233,6 @@ class Frontend:
 def _call_on(loop: asyncio.AbstractEventLoop, fn: Callable[[], None]) -> None:
     if not loop.is_closed():
         loop.call_soon_threadsafe(fn)
-
-
-async def _first(agen: AsyncIterator[T]) -> T:
-    try:
-        async for item in agen:
-            return item
-    finally:
-        await agen.aclose()
-    raise RuntimeError("the request produced no result")
 
 
 async def until_disconnect(request: Request, work: Awaitable[T]) -> T:

@@ -6,12 +6,9 @@ RMSNorm and rotary are ~6 and ~12 elementwise kernels each; these are one.
 
 from __future__ import annotations
 
-import os
-
 import torch
 
-# LOOM_DISABLE_FUSED_KERNELS=1 runs the reference torch layers on CUDA too (for comparison).
-DISABLED = os.environ.get("LOOM_DISABLE_FUSED_KERNELS", "") not in ("", "0")
+from loom.runtime.layers.switches import SWITCHES
 
 try:
     import flashinfer.activation as _fi_act
@@ -23,7 +20,7 @@ except ImportError:  # CPU installs, or CUDA without the flashinfer extra
 
 def available(x: torch.Tensor) -> bool:
     return (
-        not DISABLED
+        SWITCHES.fused  # off (--disable-fused-kernels): the reference torch layers run
         and _fi_norm is not None
         and x.is_cuda
         and x.dtype in (torch.float16, torch.bfloat16)

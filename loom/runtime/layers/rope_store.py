@@ -8,14 +8,14 @@ rounded to the model's dtype), writes q out contiguous, and writes k and v to th
 of the token's slot. At decode batch 757 it saves ~0.5 ms of a 28 ms step (H100, Llama-3.1-8B;
 see benchmarks/RESULTS.md).
 
-LOOM_DISABLE_FUSED_KERNELS=1 turns it off with the other fused kernels.
+`--disable-fused-kernels` turns it off with the other fused kernels.
 """
 
 from __future__ import annotations
 
 import torch
 
-from loom.runtime.layers import cuda_kernels
+from loom.runtime.layers.switches import SWITCHES
 
 try:
     import triton
@@ -30,7 +30,7 @@ def available(qkv: torch.Tensor, head_dim: int) -> bool:
     """Whether the model should call rope_store on this qkv output."""
     return (
         triton is not None
-        and not cuda_kernels.DISABLED
+        and SWITCHES.fused
         and qkv.is_cuda
         and qkv.dtype in (torch.float16, torch.bfloat16)
         and head_dim >= 16

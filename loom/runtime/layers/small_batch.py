@@ -14,17 +14,18 @@ op that consumes it (RoPE, SiLU, the residual add), which works in float32 as Fl
 kernels do. Summation order differs from cuBLAS, as between any two GEMM kernels.
 
 On Hopper they launch with programmatic dependent launch: a kernel fetches its first
-weight chunk while the one before it finishes. LOOM_DISABLE_PDL=1 launches them plainly;
-LOOM_DISABLE_SMALL_BATCH_KERNELS=1 turns them off (cuBLAS and FlashInfer's kernels run).
+weight chunk while the one before it finishes. `--disable-pdl` launches them plainly;
+`--disable-small-batch-kernels` turns them off (cuBLAS and FlashInfer's kernels run).
 """
 
 from __future__ import annotations
 
 import functools
-import os
 from dataclasses import dataclass
 
 import torch
+
+from loom.runtime.layers.switches import SWITCHES
 
 try:
     import triton
@@ -36,8 +37,6 @@ MAX_ROWS = 8  # the kernels' limit (tested); larger batches are matrix products:
 # The model takes them for decode batches up to this size. At 4-8 rows cuBLAS's GEMM beats
 # these row-by-row reductions (benchmarks/bench_small_batch.py on an H100).
 DECODE_ROWS = 2
-_DISABLED = os.environ.get("LOOM_DISABLE_SMALL_BATCH_KERNELS", "") not in ("", "0")
-_NO_PDL = os.environ.get("LOOM_DISABLE_PDL", "") not in ("", "0")
 
 
 def available(x: torch.Tensor) -> bool:
@@ -45,7 +44,7 @@ def available(x: torch.Tensor) -> bool:
     through Triton's interpreter)."""
     return (
         triton is not None
-        and not _DISABLED
+        and SWITCHES.small_batch
         and x.is_cuda
         and x.dtype in (torch.float16, torch.bfloat16)
     )
@@ -258,7 +257,7 @@ def _launch_args(x, weight, bias, norm, config: Config | None, n: int):
     if x.stride(1) != 1 or weight.stride(1) != 1:
         raise ValueError("x and weight must be contiguous along the reduction dim")
     cfg = config or default_config(n, k, m)
-    pdl = x.is_cuda and not _NO_PDL and _has_pdl(x.device.index)
+    pdl = x.is_cuda and SWITCHES.pdl and _has_pdl(x.device.index)
     norm_w, eps = norm if norm is not None else (weight, 0.0)  # unread without NORM/bias
     lead = (x, x.stride(0), weight, weight.stride(0), weight if bias is None else bias, norm_w, eps)
     meta = dict(

@@ -7,6 +7,7 @@ import asyncio
 import collections
 import logging
 from collections.abc import AsyncIterator
+from typing import TypeVar
 
 from loom.runtime import messages as m
 from loom.runtime.sampling.params import InvalidRequestError
@@ -14,6 +15,7 @@ from loom.runtime.tokenizer.inputs import GenerateInput, InputLimits, Item, expa
 from loom.runtime.tokenizer.results import RequestState
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 class EngineDeadError(RuntimeError):
@@ -151,3 +153,14 @@ class TokenizerManager:
 
     def send_shutdown(self) -> None:
         self.sender.send_pyobj(m.ShutdownRequest())
+
+
+async def first_result(agen: AsyncIterator[T]) -> T:
+    """The one item of a non-stream generate (TokenizerManager.generate, or a wrapper of
+    it); the generator is closed either way, which aborts whatever is still running."""
+    try:
+        async for item in agen:
+            return item
+    finally:
+        await agen.aclose()
+    raise RuntimeError("the request produced no result")
