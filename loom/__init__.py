@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
+from loom.version import __version__ as __version__
 
 # The language: name -> the module that defines it (imported on first use).
 _LANG = {

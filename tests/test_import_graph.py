@@ -1,8 +1,8 @@
-"""No import cycle in loom/: each module's imports (also those under TYPE_CHECKING or
-inside functions, which only hide a cycle) form a graph without loops, so every layer can
-be read, tested and replaced without the ones that build on it. A part that needs its
-caller gets what it needs passed in (values, a part, a small protocol), never the caller's
-module."""
+"""No import cycle in loom/, and no import from a higher layer: each module's imports
+(also those under TYPE_CHECKING or inside functions, which only hide one) form a graph
+without loops that runs only downwards through LAYERS, so every layer can be read, tested
+and replaced without the ones that build on it. A part that needs its caller gets what it
+needs passed in (values, a part, a small protocol), never the caller's module."""
 
 from __future__ import annotations
 
@@ -10,6 +10,36 @@ import ast
 from pathlib import Path
 
 LOOM = Path(__file__).resolve().parents[1] / "loom"
+
+# The layers, lowest first (docs/architecture.md, "Import rules"): a module imports only
+# from its own layer and the layers below. A module belongs to the longest prefix listed.
+LAYERS = (
+    (
+        "loom.version",
+        "loom.runtime",  # the package itself is empty
+        "loom.runtime.logs",
+        "loom.runtime.args",
+        "loom.runtime.forward",
+        "loom.runtime.memory",
+        "loom.runtime.process_util",
+        "loom.runtime.watchdog",
+        "loom.constrain",
+    ),
+    ("loom.radix",),
+    ("loom.runtime.layers",),
+    ("loom.runtime.models",),
+    ("loom.runtime.executor",),
+    ("loom.runtime.sampling", "loom.runtime.messages"),
+    ("loom.runtime.scheduler", "loom.runtime.tokenizer"),
+    ("loom.runtime.launch", "loom.runtime.engine"),
+    ("loom.runtime.http",),
+    ("loom.backends",),
+    ("loom.lang",),
+    ("loom", "loom.cli", "loom.serve"),
+)
+# The language talks to a backend and shares the grammar layer; it never reaches into the
+# runtime (a program runs the same on an Engine, a server or OpenAI).
+LANG_MAY_IMPORT = ("loom.lang", "loom.backends", "loom.constrain", "loom.version")
 
 
 def module_names() -> dict[str, Path]:
@@ -80,6 +110,21 @@ def cycles(graph: dict[str, set[str]]) -> list[set[str]]:
     return found
 
 
+def layer_of(name: str) -> int:
+    matches = [
+        (len(prefix), level)
+        for level, prefixes in enumerate(LAYERS)
+        for prefix in prefixes
+        if name == prefix or name.startswith(prefix + ".")
+    ]
+    assert matches, f"{name} is in no layer: add it to LAYERS (and to docs/architecture.md)"
+    return max(matches)[1]
+
+
+def within(name: str, prefixes: tuple[str, ...]) -> bool:
+    return any(name == p or name.startswith(p + ".") for p in prefixes)
+
+
 def test_the_finder_sees_a_cycle_through_a_function_level_import():
     graph = {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}
     assert cycles(graph) == [{"a", "b", "c"}]
@@ -94,3 +139,28 @@ def test_loom_has_no_import_cycle():
     assert not found, (
         f"import cycles: {found}; break them (pass the callee in, move the shared type)"
     )
+
+
+def test_every_import_runs_down_the_layers():
+    known = module_names()
+    assert layer_of("loom.runtime.layers.mlp") < layer_of("loom.runtime.executor.cuda_graph")
+    assert layer_of("loom.lang.api") < layer_of("loom")  # the longest prefix decides
+    upward = [
+        f"{name} -> {dep}"
+        for name, path in sorted(known.items())
+        for dep in sorted(imported(name, path, known))
+        if layer_of(dep) > layer_of(name)
+    ]
+    assert not upward, f"imports from a higher layer: {upward}; pass the caller's part in"
+
+
+def test_the_language_reaches_the_runtime_only_through_a_backend():
+    known = module_names()
+    reached = [
+        f"{name} -> {dep}"
+        for name, path in sorted(known.items())
+        if within(name, ("loom.lang",))
+        for dep in sorted(imported(name, path, known))
+        if not within(dep, LANG_MAY_IMPORT)
+    ]
+    assert not reached, f"the language imports the runtime: {reached}"

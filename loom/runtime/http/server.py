@@ -16,7 +16,6 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-import loom
 from loom.runtime.engine import Engine
 from loom.runtime.http.body import read_json
 from loom.runtime.http.errors import APIError, install_error_handlers
@@ -26,6 +25,7 @@ from loom.runtime.http.metrics import CONTENT_TYPE
 from loom.runtime.http.request_log import RequestIds
 from loom.runtime.http.tokenizer_files import add_tokenizer_routes
 from loom.runtime.tokenizer.inputs import GenerateInput
+from loom.version import __version__
 
 HEALTH_GENERATE_TIMEOUT = 30.0
 _GENERATE_FIELDS = tuple(f.name for f in dataclasses.fields(GenerateInput))
@@ -54,7 +54,7 @@ def create_app(engine: Engine, api_key: str | None = None) -> FastAPI:
         yield
         frontend.close()
 
-    app = FastAPI(title="loom", version=loom.__version__, lifespan=lifespan)
+    app = FastAPI(title="loom", version=__version__, lifespan=lifespan)
     app.state.engine = engine
     app.state.frontend = frontend
     app.add_middleware(Guard, api_key=api_key, max_body_bytes=engine.args.max_request_body_bytes)
@@ -113,7 +113,7 @@ def _add_native_routes(app: FastAPI, engine: Engine, frontend: Frontend) -> None
     async def server_info() -> dict:
         info = await frontend.server_info()
         return {
-            "version": loom.__version__,
+            "version": __version__,
             "served_model_name": served_model_name(engine),
             "model_folder": engine.model_folder,
             "args": _shown_args(engine),
