@@ -7,9 +7,13 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
+from loom.runtime.args import ServerArgs
 from loom.runtime.models import model_source
+from loom.runtime.models.loader import iter_folder_weights
 from loom.runtime.models.model_source import resolve_model_path
+from tests.tiny_models import build_tiny_model
 
 
 @pytest.fixture(scope="module")
@@ -176,3 +180,32 @@ def test_gguf_file_is_cached_by_path_size_and_mtime(
     gguf.write_bytes(b"GGUF, edited")  # a replaced file must not reuse the old conversion
     assert resolve_model_path(str(gguf), cache_dir=cache) != first
     assert converted == [gguf, gguf]
+
+
+def _tiny_folder(tmp_path: Path, safetensors: bool) -> str:
+    folder = build_tiny_model("llama", str(tmp_path / "m"))
+    if not safetensors:  # the same weights as pytorch_model.bin
+        from safetensors.torch import load_file
+
+        weights = load_file(f"{folder}/model.safetensors")
+        torch.save(weights, f"{folder}/pytorch_model.bin")
+        Path(f"{folder}/model.safetensors").unlink()
+    return folder
+
+
+@pytest.mark.parametrize("safetensors", [True, False])
+def test_load_format_reads_only_its_own_files(tmp_path: Path, safetensors: bool) -> None:
+    folder = _tiny_folder(tmp_path, safetensors)
+    own, other = ("safetensors", "pt") if safetensors else ("pt", "safetensors")
+    names = dict(iter_folder_weights(folder, own)).keys()
+    assert names == dict(iter_folder_weights(folder, "auto")).keys() and names
+    with pytest.raises(FileNotFoundError, match="--load-format auto takes either"):
+        next(iter_folder_weights(folder, other))
+
+
+def test_bad_load_format_is_refused_by_name() -> None:
+    with pytest.raises(ValueError, match="load_format must be one of"):
+        ServerArgs(load_format="bin")
+    with pytest.raises(ValueError, match="needs --model-path to name a .gguf file"):
+        ServerArgs(load_format="gguf", model_path="/some/folder")
+    assert ServerArgs(load_format="gguf").load_format == "gguf"  # the default model is one

@@ -27,7 +27,10 @@ class ServerArgs:
     )
     tokenizer_path: str | None = _arg(None, "tokenizer folder (defaults to the model's)")
     load_format: str = _arg(
-        "auto", "weights format", ("auto", "safetensors", "pt", "gguf", "dummy")
+        "auto",
+        "weights to read: auto (*.safetensors, else pytorch_model*.bin), safetensors, pt "
+        "(pytorch_model*.bin), gguf (--model-path is a .gguf file), dummy (random weights)",
+        ("auto", "safetensors", "pt", "gguf", "dummy"),
     )
     dtype: str = _arg(
         "auto",
@@ -126,6 +129,10 @@ class ServerArgs:
     )
 
     def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            choices, value = f.metadata.get("choices"), getattr(self, f.name)
+            if choices and value is not None and value not in choices:
+                raise ValueError(f"{f.name} must be one of {list(choices)}, got {value!r}")
         if self.schedule_conservativeness <= 0:
             raise ValueError("schedule_conservativeness must be > 0")
         if self.mem_fraction_static is not None and not 0 < self.mem_fraction_static < 1:
@@ -140,6 +147,8 @@ class ServerArgs:
             raise ValueError("watchdog_timeout must be > 0 seconds")
         if not self.log_interval >= 0:  # NaN too
             raise ValueError("log_interval must be >= 0 seconds (0 turns the load lines off)")
+        if self.load_format == "gguf" and not str(self.model_path or "x.gguf").endswith(".gguf"):
+            raise ValueError("--load-format gguf needs --model-path to name a .gguf file")
         if self.max_request_body_bytes < 1:
             raise ValueError("max_request_body_bytes must be at least 1")
 

@@ -94,7 +94,7 @@ class ModelRunner:
         if self.args.load_format == "dummy":
             init_dummy_weights(model, self.args.random_seed or 0)
         else:
-            model.load_weights(iter_folder_weights(folder))
+            model.load_weights(iter_folder_weights(folder, self.args.load_format))
         return model.eval()
 
     def _kv_capacity(self) -> int:

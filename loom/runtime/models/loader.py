@@ -11,14 +11,13 @@ import torch
 from torch import nn
 
 
-def iter_folder_weights(folder: str) -> Iterator[tuple[str, torch.Tensor]]:
-    index = os.path.join(folder, "model.safetensors.index.json")
-    if os.path.exists(index):
-        with open(index) as f:
-            files = sorted(set(json.load(f)["weight_map"].values()))
-        paths = [os.path.join(folder, name) for name in files]
-    else:
-        paths = sorted(glob.glob(os.path.join(folder, "*.safetensors")))
+def iter_folder_weights(
+    folder: str, load_format: str = "auto"
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, tensor) of every weight in the folder. `load_format`: "safetensors" reads
+    only *.safetensors, "pt" only pytorch_model*.bin, "auto" (and "gguf", whose file was
+    converted to safetensors) safetensors if there are any, else .bin."""
+    paths = [] if load_format == "pt" else _safetensors_files(folder)
     if paths:
         from safetensors import safe_open
 
@@ -27,14 +26,28 @@ def iter_folder_weights(folder: str) -> Iterator[tuple[str, torch.Tensor]]:
                 for name in f.keys():
                     yield name, f.get_tensor(name)
         return
-    bins = sorted(glob.glob(os.path.join(folder, "pytorch_model*.bin")))
+    bins = [] if load_format == "safetensors" else sorted(glob.glob(f"{folder}/pytorch_model*.bin"))
     if not bins:
-        raise FileNotFoundError(
-            f"no *.safetensors or pytorch_model*.bin weights in {folder}; "
-            "use --load-format dummy for random weights"
-        )
+        raise FileNotFoundError(_no_weights(folder, load_format))
     for path in bins:
         yield from torch.load(path, map_location="cpu", weights_only=True).items()
+
+
+def _safetensors_files(folder: str) -> list[str]:
+    index = os.path.join(folder, "model.safetensors.index.json")
+    if not os.path.exists(index):
+        return sorted(glob.glob(os.path.join(folder, "*.safetensors")))
+    with open(index) as f:
+        files = sorted(set(json.load(f)["weight_map"].values()))
+    return [os.path.join(folder, name) for name in files]
+
+
+def _no_weights(folder: str, load_format: str) -> str:
+    wanted = {"safetensors": "*.safetensors", "pt": "pytorch_model*.bin"}.get(
+        load_format, "*.safetensors or pytorch_model*.bin"
+    )
+    hint = "" if load_format in ("auto", "gguf") else "; --load-format auto takes either"
+    return f"no {wanted} weights in {folder}{hint}; --load-format dummy gives random weights"
 
 
 def init_dummy_weights(model: nn.Module, seed: int = 0) -> None:
