@@ -53,7 +53,6 @@ class Req:
     last_node: Any = None
     kv_len: int = 0
     cached_tokens: int = 0  # prompt tokens served from the cache (reported in meta_info)
-    extend_input_len: int = 0  # new tokens in the current extend step
     retractions: int = 0
 
     # Waiting-queue bookkeeping for SchedulePolicy's starvation bounds: scheduling rounds
